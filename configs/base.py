@@ -1,0 +1,124 @@
+"""Every configuration field, defined once, with its meaning.
+
+Experiment configs import `get_base_config()` and override only what differs.
+Each section is converted into a frozen dataclass by `replaid_jax.config_lib`,
+which rejects unknown and missing keys.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.objective = "replaid"  # training objective; "replaid" (continuous VDM on embeddings)
+  c.seed = 0  # seeds parameter init, time sampling, noise and data order
+
+  # ---- model: the denoiser (DiT backbone) and its RePlaid input/output layers.
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = config_dict.placeholder(int)  # set from the tokenizer when left None
+  m.embed_dim = 16  # d_e: dimension of the learned unit-norm token embeddings
+  m.width = 256  # D: transformer width
+  m.num_layers = 6  # number of DiT blocks
+  m.num_heads = 4  # attention heads; width must be divisible by it
+  m.mlp_ratio = 4  # MLP hidden width = mlp_ratio * width
+  m.cond_dim = 128  # width of the adaLN conditioning vector
+  m.cond_freqs = 32  # sinusoidal frequencies of the noise-level embedding
+  m.cond_input = "gamma"  # scalar fed to adaLN: "gamma" (noise level, default) or "t" (ablation)
+  m.max_seq_len = 1024  # longest sequence the model accepts (RoPE tables are built to this)
+  m.rope_base = 10000.0  # RoPE base frequency
+  m.compute_dtype = "float32"  # matmul dtype in the blocks: float32 (CPU) or bfloat16 (GPU/TPU)
+  m.causal = False  # causal attention (AR baseline); RePlaid is bidirectional
+  m.output_bias_init = "zeros"  # output bias init: "zeros" or "unigram" (log unigram of training tokens)
+  m.schedule_hidden = 1024  # hidden units of the monotone noise-schedule MLP
+  m.remat = False  # rematerialise each block in the backward pass
+
+  # ---- diffusion: the ELBO, its estimator and the schedule.
+  d = c.diffusion = ml_collections.ConfigDict()
+  d.gamma_0 = -3.0  # initial gamma at t=0 (learned bound)
+  d.gamma_1 = 6.0  # initial gamma at t=1 (learned bound)
+  d.schedule = "learned"  # "learned" (monotone MLP trained on E[l^2]) or "linear_fixed"
+  d.learn_bounds = True  # train gamma_0 and gamma_1 on E[loss]
+  d.selfcond_fraction = 0.25  # fraction of the training batch that is self-conditioned (0 disables)
+  d.output_prior = True  # add (alpha/sigma^2) z.E^T to the logits
+  d.output_prior_warmup_steps = 5000  # linear warm-up of the output-prior scale (0: full from the start)
+  d.recon_split = "adaptive"  # reconstruction rows per batch: "adaptive" (Neyman) or "fixed"
+  d.recon_fraction = 0.125  # reconstruction share when fixed, and the adaptive split's starting point
+  d.loss_stats_decay = 0.997  # EMA decay of the per-term loss statistics driving the adaptive split
+
+  # ---- data.
+  da = c.data = ml_collections.ConfigDict()
+  da.source = "shakespeare"  # "shakespeare" (embedded), "text" (.txt/.jsonl files) or "npy" (token arrays)
+  da.train_files = ""  # comma-separated paths or globs (text/npy sources)
+  da.val_files = ""  # comma-separated paths or globs (text/npy sources)
+  da.jsonl_field = "text"  # field holding the document in .jsonl files
+  da.val_plays = "hamlet,the-tempest,twelfth-night"  # held-out plays of the embedded corpus
+  da.tokenizer_path = ""  # SentencePiece .model; empty trains one on the training text (cached)
+  da.tokenizer_type = "unigram"  # SentencePiece model type when training: "unigram" or "bpe"
+  da.tokenizer_vocab_size = 4096  # pieces when training a tokenizer
+  da.npy_vocab_size = config_dict.placeholder(int)  # vocabulary size of pre-tokenised .npy data
+  da.cache_dir = ""  # where trained tokenizers are cached; empty: <workdir>/tokenizer
+  da.seq_len = 128  # L: tokens per training sequence
+  da.num_workers = 0  # grain worker processes
+
+  # ---- optimisation.
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr = 1e-3  # backbone peak learning rate
+  o.embedding_lr = 1e-2  # learning rate of the embedding matrix
+  o.schedule_lr = 1e-2  # learning rate of the noise-schedule MLP
+  o.bounds_lr = 1e-2  # learning rate of gamma_0, gamma_1
+  o.weight_decay = 0.1  # backbone decoupled weight decay (matrices only)
+  o.embedding_weight_decay = 0.0  # weight decay of the embedding matrix
+  o.schedule_weight_decay = 0.0  # weight decay of the schedule MLP
+  o.bounds_weight_decay = 1e-3  # weight decay of the gamma bounds
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.99  # Adam beta2
+  o.eps = 1e-8  # Adam epsilon
+  o.warmup_steps = 100  # linear warm-up steps (all groups)
+  o.decay = "cosine"  # after warm-up: "cosine", "linear" or "constant"
+  o.final_lr_fraction = 0.1  # final lr as a fraction of the peak (cosine/linear)
+  o.grad_clip = 1.0  # global gradient-norm clip (0 disables)
+  o.ema_decay = 0.0  # EMA of parameters (0 disables; the EMA then equals the params)
+
+  # ---- training loop.
+  t = c.train = ml_collections.ConfigDict()
+  t.batch_size = 16  # global batch (sequences per optimizer step)
+  t.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+  t.num_steps = 1000  # optimizer steps (ignored when max_minutes ends the run first)
+  t.max_minutes = 0.0  # wall-clock budget in minutes, 0 for none; the run ends with a final eval
+  t.log_every = 10  # steps between metric logs
+  t.eval_every = 250  # steps between in-loop validation bounds (0: only at the end)
+  t.eval_every_minutes = 0.0  # also evaluate every so many minutes (0: off)
+  t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 measures a 2048^2 fp32 matmul at start
+
+  # ---- evaluation (in-loop and the eval binary).
+  e = c.eval = ml_collections.ConfigDict()
+  e.batch_size = 32  # sequences per eval batch
+  e.num_times = 4  # K: diffusion times per sequence (low-discrepancy lattice)
+  e.max_batches = 0  # 0: the whole split; else a quick look at that many batches
+  e.final_num_times = 8  # K for the evaluation that ends a run
+  e.num_samples = 4  # samples printed at the end of a run (0: none)
+  e.sample_steps = 256  # ancestral steps for those samples
+
+  # ---- checkpoints.
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every_steps = 500  # save period in steps (and always at the end)
+  k.keep = 3  # checkpoints kept
+  k.async_save = True  # write checkpoints in the background
+
+  # ---- device mesh.
+  me = c.mesh = ml_collections.ConfigDict()
+  me.axes = ("data", "fsdp", "tensor")  # mesh axis names
+  me.shape = (-1, 1, 1)  # one -1 is filled with the remaining devices
+  me.rules = (  # logical axis -> mesh axes
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+  )
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return get_base_config()

@@ -1,0 +1,3 @@
+"""RePlaid-JAX: likelihood-trained continuous diffusion language models."""
+
+__version__ = "0.1.0"
