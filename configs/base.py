@@ -97,6 +97,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.num_times = 4  # K: diffusion times per sequence (low-discrepancy lattice)
   e.max_batches = 0  # 0: the whole split; else a quick look at that many batches
   e.final_num_times = 8  # K for the evaluation that ends a run
+  e.final_max_batches = 0  # batches of that evaluation (0: the whole validation split)
   e.num_samples = 4  # samples printed at the end of a run (0: none)
   e.sample_steps = 256  # ancestral steps for those samples
 

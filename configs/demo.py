@@ -1,0 +1,39 @@
+"""The embedded default: a small RePlaid model on Shakespeare, about 20 minutes on 2 CPU cores.
+
+  python launch/train.py --config=configs/demo.py --workdir=runs/demo
+
+Trains a SentencePiece tokenizer on the training plays (cached in the workdir),
+trains for up to `train.max_minutes`, then reports the bound on the held-out
+plays (whole split) with its standard error next to the unigram cross-entropy
+of the same tokens, and prints a few samples.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_base_config()
+  c.data.tokenizer_vocab_size = 2048
+  c.data.seq_len = 128
+  c.model.width = 256
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.max_seq_len = 128
+  c.model.output_bias_init = "unigram"  # start from the unigram model instead of the uniform one
+  c.diffusion.output_prior_warmup_steps = 0  # no warm-up: train at the scale that is evaluated
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 50
+  c.optim.decay = "cosine"
+  c.optim.ema_decay = 0.0
+  c.train.batch_size = 16
+  c.train.num_steps = 1000
+  c.train.max_minutes = 16.0
+  c.train.log_every = 25
+  c.train.eval_every = 0
+  c.train.eval_every_minutes = 3.0
+  c.eval.batch_size = 64
+  c.eval.num_times = 2
+  c.eval.max_batches = 4
+  c.eval.final_num_times = 4
+  c.checkpoint.every_steps = 250
+  return c

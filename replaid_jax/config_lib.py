@@ -1,0 +1,196 @@
+"""From an ml_collections config to the frozen dataclasses the library reads.
+
+Each config section maps to a dataclass defined next to the code that uses it.
+Conversion fails, with the key and the fix, on unknown or missing keys, on
+values outside their allowed set and on inconsistent combinations.
+"""
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from replaid_jax import errors
+from replaid_jax.data import pipeline
+from replaid_jax.diffusion import elbo
+from replaid_jax.diffusion import time_sampling
+from replaid_jax.models import model as model_lib
+from replaid_jax.models import noise_schedule
+
+OBJECTIVES = ("replaid",)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float
+  embedding_lr: float
+  schedule_lr: float
+  bounds_lr: float
+  weight_decay: float
+  embedding_weight_decay: float
+  schedule_weight_decay: float
+  bounds_weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  warmup_steps: int
+  decay: str
+  final_lr_fraction: float
+  grad_clip: float
+  ema_decay: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int
+  grad_accum_steps: int
+  num_steps: int
+  max_minutes: float
+  log_every: int
+  eval_every: int
+  eval_every_minutes: float
+  peak_flops: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  batch_size: int
+  num_times: int
+  max_batches: int
+  final_num_times: int
+  final_max_batches: int
+  num_samples: int
+  sample_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int
+  keep: int
+  async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  axes: tuple[str, ...]
+  shape: tuple[int, ...]
+  rules: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  objective: str
+  seed: int
+  model: model_lib.ModelConfig
+  diffusion: elbo.DiffusionConfig
+  data: pipeline.DataConfig
+  optim: OptimConfig
+  train: TrainConfig
+  eval: EvalConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+
+
+def _freeze(value: Any) -> Any:
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  missing = sorted(fields - set(values))
+  if unknown:
+    raise errors.ConfigError(
+        f"unknown config key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+        f"valid keys of '{name}' are: {', '.join(sorted(fields))}."
+    )
+  if missing:
+    raise errors.ConfigError(
+        f"config section '{name}' lacks {', '.join(missing)}; build configs on configs/base.py, which defines every key."
+    )
+  return cls(**{k: _freeze(v) for k, v in values.items()})
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+  if value not in allowed:
+    raise errors.ConfigError(f"{key}={value!r} is not one of {allowed}.")
+
+
+def _positive(key: str, value: float) -> None:
+  if not value > 0:
+    raise errors.ConfigError(f"{key} must be positive, got {value}.")
+
+
+def validate(c: Config) -> None:
+  """Checks that no single dataclass field can check on its own."""
+  _choice("objective", c.objective, OBJECTIVES)
+  m, d, t = c.model, c.diffusion, c.train
+  _choice("model.cond_input", m.cond_input, model_lib.COND_INPUTS)
+  _choice("model.output_bias_init", m.output_bias_init, model_lib.OUTPUT_BIAS_INITS)
+  _choice("model.compute_dtype", m.compute_dtype, model_lib.COMPUTE_DTYPES)
+  _choice("diffusion.schedule", d.schedule, noise_schedule.SCHEDULES)
+  _choice("diffusion.recon_split", d.recon_split, elbo.RECON_SPLITS)
+  _choice("optim.decay", c.optim.decay, ("cosine", "linear", "constant"))
+  for key in ("model.width", "model.num_layers", "model.num_heads", "model.embed_dim", "train.batch_size",
+              "train.grad_accum_steps", "eval.batch_size", "eval.num_times", "optim.lr"):
+    section, field = key.split(".")
+    _positive(key, getattr(getattr(c, section), field))
+  if m.width % m.num_heads or (m.width // m.num_heads) % 2:
+    raise errors.ConfigError(
+        f"model.width={m.width} must split into model.num_heads={m.num_heads} heads of even size (RoPE)."
+    )
+  if c.data.seq_len > m.max_seq_len:
+    raise errors.ConfigError(
+        f"data.seq_len={c.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+        "lower data.seq_len or raise model.max_seq_len."
+    )
+  if not d.gamma_0 < d.gamma_1:
+    raise errors.ConfigError(f"diffusion.gamma_0={d.gamma_0} must be below diffusion.gamma_1={d.gamma_1}.")
+  try:
+    period = time_sampling.selfcond_period(d.selfcond_fraction)
+  except ValueError as e:
+    raise errors.ConfigError(f"diffusion.selfcond_fraction: {e}") from None
+  if t.batch_size % t.grad_accum_steps:
+    raise errors.ConfigError(
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}."
+    )
+  micro = t.batch_size // t.grad_accum_steps
+  if period and micro % period:
+    raise errors.ConfigError(
+        f"the micro-batch ({micro} = train.batch_size / train.grad_accum_steps) must be a multiple of "
+        f"1/diffusion.selfcond_fraction = {period}."
+    )
+  if not 0 < d.recon_fraction < 1:
+    raise errors.ConfigError(f"diffusion.recon_fraction must lie in (0, 1), got {d.recon_fraction}.")
+  if t.batch_size < 2:
+    raise errors.ConfigError("train.batch_size must be at least 2 (reconstruction and diffusion rows).")
+  if len(c.mesh.axes) != len(c.mesh.shape):
+    raise errors.ConfigError(f"mesh.axes {c.mesh.axes} and mesh.shape {c.mesh.shape} differ in length.")
+
+
+def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
+  """Converts and validates a ConfigDict built on configs/base.py."""
+  values = cd.to_dict()
+  sections = {
+      "model": model_lib.ModelConfig,
+      "diffusion": elbo.DiffusionConfig,
+      "data": pipeline.DataConfig,
+      "optim": OptimConfig,
+      "train": TrainConfig,
+      "eval": EvalConfig,
+      "checkpoint": CheckpointConfig,
+      "mesh": MeshConfig,
+  }
+  top = {f.name for f in dataclasses.fields(Config)}
+  unknown = sorted(set(values) - top)
+  if unknown:
+    raise errors.ConfigError(f"unknown top-level config key(s) {unknown}; valid keys are {sorted(top)}.")
+  missing = sorted(top - set(values))
+  if missing:
+    raise errors.ConfigError(f"config lacks {missing}; build configs on configs/base.py.")
+  built = {k: (_section(sections[k], k, v) if k in sections else v) for k, v in values.items()}
+  config = Config(**built)
+  validate(config)
+  return config

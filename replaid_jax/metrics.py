@@ -1,0 +1,114 @@
+"""One writer for metrics: console, a JSONL file a script can read, TensorBoard events.
+
+TensorBoard files are written with tensorboardX (no TensorFlow). Only process 0
+writes; other processes get a writer that drops everything.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import numpy as np
+
+
+def _plain(v: Any) -> Any:
+  if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "__array__"):
+    a = np.asarray(v)
+    return a.item() if a.ndim == 0 else a.tolist()
+  return v
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+  return str(v)
+
+
+class MetricWriter:
+  """Fans scalars out to the console, <dir>/metrics.jsonl and TensorBoard."""
+
+  def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.directory = directory
+    self._tb = None
+    self._jsonl = None
+    if not self.enabled:
+      return
+    os.makedirs(directory, exist_ok=True)
+    self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(directory, flush_secs=30)
+
+  def write(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "", console: bool = True) -> None:
+    if not self.enabled:
+      return
+    row = {k: _plain(v) for k, v in scalars.items()}
+    record = {"step": int(step), "time": time.time(), **{f"{prefix}{k}": v for k, v in row.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f"{prefix}{k}", v, step)
+    if console:
+      logging.info("[%d] %s", step, "  ".join(f"{prefix}{k}={_fmt(v)}" for k, v in row.items()))
+
+  def write_json(self, name: str, payload: Mapping[str, Any]) -> str:
+    """Writes payload to <dir>/<name> atomically; returns the path."""
+    path = os.path.join(self.directory, name)
+    if self.enabled:
+      tmp = path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_plain)
+      os.replace(tmp, path)
+    return path
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """Steps/s and ETA over a bounded run (by steps and optionally by minutes)."""
+
+  def __init__(self, first_step: int, last_step: int, max_minutes: float = 0.0):
+    self.first, self.last = first_step, last_step
+    self.max_seconds = max_minutes * 60.0
+    self.start = time.time()
+    self._mark_t, self._mark_step = self.start, first_step
+
+  def elapsed(self) -> float:
+    return time.time() - self.start
+
+  def rate(self, step: int) -> float:
+    """Steps/s since the previous call."""
+    now = time.time()
+    r = (step - self._mark_step) / max(now - self._mark_t, 1e-9)
+    self._mark_t, self._mark_step = now, step
+    return r
+
+  def eta_seconds(self, step: int) -> float:
+    done = step - self.first
+    if done <= 0:
+      return float("nan")
+    by_steps = (self.last - step) * self.elapsed() / done
+    if self.max_seconds:
+      return min(by_steps, max(self.max_seconds - self.elapsed(), 0.0))
+    return by_steps
+
+  def out_of_time(self) -> bool:
+    return bool(self.max_seconds) and self.elapsed() >= self.max_seconds
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

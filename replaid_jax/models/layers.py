@@ -1,0 +1,63 @@
+"""Stateless building blocks of the DiT backbone.
+
+Shape suffixes: B batch, L sequence, D width, H heads, K head dim, C cond dim.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_LN_EPS = 1e-5
+
+
+def layer_norm(x_BLD: jax.Array, scale_D: jax.Array) -> jax.Array:
+  """Weight-only LayerNorm (no bias), computed in float32."""
+  x = x_BLD.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + _LN_EPS) * scale_D
+
+
+def modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
+  return x_BLD * (1.0 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, dtype=jnp.float32) -> jax.Array:
+  """x @ w (+ b) with inputs cast to the compute dtype, accumulated in float32."""
+  y = jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  if b is not None:
+    y = y + b
+  return y
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin tables [L, K/2] for rotary position embeddings."""
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head dimension, got {head_dim}.")
+  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BLHK: jax.Array, cos_LK: jax.Array, sin_LK: jax.Array) -> jax.Array:
+  """Rotates channel pairs (first half, second half) by position-dependent angles."""
+  half = x_BLHK.shape[-1] // 2
+  x1, x2 = x_BLHK[..., :half], x_BLHK[..., half:]
+  cos = cos_LK[None, :, None, :]
+  sin = sin_LK[None, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHK.dtype)
+
+
+def attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *, causal: bool) -> jax.Array:
+  return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=causal)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=True)
+
+
+def sinusoidal(s_B: jax.Array, num_freqs: int) -> jax.Array:
+  """[sin(f s), cos(f s)] with f = exp(linspace(-5, 5, num_freqs)): [B, 2 num_freqs]."""
+  freqs = jnp.exp(jnp.linspace(-5.0, 5.0, num_freqs, dtype=jnp.float32))
+  ang = s_B.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)

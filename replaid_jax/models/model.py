@@ -1,0 +1,106 @@
+"""The RePlaid model: embeddings, noise schedule, bounds and denoiser, as one pytree.
+
+`predict` is the denoiser as the ELBO and the samplers see it: from (z_t, gamma_t)
+and the self-conditioning input to the logits (network logits plus the output
+prior) and the expected embedding x_hat = softmax(logits) E (categorical
+reparameterisation).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from replaid_jax.models import denoiser
+from replaid_jax.models import embedding
+from replaid_jax.models import noise_schedule
+from replaid_jax.models import params as params_lib
+
+COND_INPUTS = ("gamma", "t")
+OUTPUT_BIAS_INITS = ("zeros", "unigram")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The `model` config section."""
+
+  vocab_size: int | None
+  embed_dim: int
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int
+  cond_dim: int
+  cond_freqs: int
+  cond_input: str
+  max_seq_len: int
+  rope_base: float
+  compute_dtype: str
+  causal: bool
+  output_bias_init: str
+  schedule_hidden: int
+  remat: bool
+
+  def denoiser(self) -> denoiser.DenoiserConfig:
+    names = {f.name for f in dataclasses.fields(denoiser.DenoiserConfig)}
+    return denoiser.DenoiserConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+def init(
+    key: jax.Array,
+    cfg: ModelConfig,
+    *,
+    gamma_0: float,
+    gamma_1: float,
+    output_bias: jax.Array | None = None,
+) -> tuple[dict, dict]:
+  """Returns (params, logical axes) with the same tree structure."""
+  k_emb, k_sched, k_den = jax.random.split(key, 3)
+  tree = {
+      "embedding": embedding.init(k_emb, cfg.vocab_size, cfg.embed_dim),
+      "schedule": noise_schedule.init(k_sched, cfg.schedule_hidden),
+      "bounds": noise_schedule.init_bounds(gamma_0, gamma_1),
+      "denoiser": denoiser.init(k_den, cfg.denoiser(), output_bias),
+  }
+  return params_lib.split(tree)
+
+
+def _select_detached(mask_B: jax.Array | None, fn, table_VE: jax.Array) -> jax.Array:
+  """fn(E), with E detached for the examples where mask is set."""
+  live = fn(table_VE)
+  if mask_B is None:
+    return live
+  dead = fn(jax.lax.stop_gradient(table_VE))
+  return jnp.where(mask_B[:, None, None], dead, live)
+
+
+def predict(
+    params: dict,
+    z_BLE: jax.Array,
+    gamma_B: jax.Array,
+    t_B: jax.Array,
+    x_sc_BLE: jax.Array,
+    *,
+    cfg: ModelConfig,
+    prior_scale: jax.Array | float,
+    use_output_prior: bool = True,
+    detach_embeddings_B: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """(logits [B, L, V], x_hat [B, L, d_e]) at noise level gamma.
+
+  `detach_embeddings_B` marks examples whose output prior and x_hat must not
+  send gradient into the embedding matrix (self-conditioned training rows).
+  """
+  table = embedding.normalized(params["embedding"])
+  alpha2, sigma2 = noise_schedule.alpha_sigma2(gamma_B)
+  cond = gamma_B if cfg.cond_input == "gamma" else t_B
+  logits = denoiser.apply(params["denoiser"], z_BLE, cond, x_sc_BLE, alpha2, sigma2, cfg.denoiser())
+  if use_output_prior:
+    # log N(z; alpha e_v, sigma^2 I) = (alpha / sigma^2) z.e_v + const for unit-norm e_v.
+    coef_B = prior_scale * jnp.sqrt(alpha2) / sigma2
+    z_dot_e = _select_detached(detach_embeddings_B, lambda tab: jnp.einsum("ble,ve->blv", z_BLE, tab), table)
+    logits = logits + coef_B[:, None, None] * z_dot_e
+  probs = jax.nn.softmax(logits, axis=-1)
+  x_hat = _select_detached(detach_embeddings_B, lambda tab: jnp.einsum("blv,ve->ble", probs, tab), table)
+  return logits, x_hat

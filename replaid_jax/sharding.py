@@ -1,0 +1,90 @@
+"""The only module that knows mesh axis names.
+
+Model code labels parameter dimensions with logical names ("embed", "mlp",
+"heads", "vocab", "layers", ...); config rules map logical names to mesh axes.
+Names without a rule are replicated.
+"""
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from replaid_jax import errors
+
+PyTree = Any
+
+
+def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | None = None) -> Mesh:
+  """A mesh over all (or the given) devices; one -1 in `shape` takes what is left."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  shape = list(shape)
+  if shape.count(-1) > 1:
+    raise errors.ConfigError(f"mesh.shape {tuple(shape)} may hold at most one -1.")
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if n % rest:
+      raise errors.ConfigError(f"mesh.shape {tuple(shape)} does not divide the {n} available devices.")
+    shape[shape.index(-1)] = n // rest
+  if math.prod(shape) != n:
+    raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; {n} are available.")
+  grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules: tuple[tuple[str, Any], ...], mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec for one array; a mesh axis is used at most once, size-1 axes are dropped."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in axes:
+    target = table.get(name) if name is not None else None
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    names = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+    used.update(names)
+    out.append(None if not names else names[0] if len(names) == 1 else names)
+  return PartitionSpec(*out)
+
+
+def _fits(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """Drops the sharding of dimensions that the mesh axes do not divide."""
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(entry if names and dim % size == 0 else None)
+  return PartitionSpec(*out)
+
+
+def param_shardings(values: PyTree, axes: PyTree, rules, mesh: Mesh) -> PyTree:
+  """NamedShardings for a parameter tree (values may be arrays or ShapeDtypeStructs)."""
+  def one(v, ax):
+    return NamedSharding(mesh, _fits(v.shape, logical_to_spec(ax, rules, mesh), mesh))
+  return jax.tree.map(one, values, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
+      isinstance(a, (str, type(None))) for a in x))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_divisor(mesh: Mesh, rules) -> int:
+  """How many ways the batch dimension is split."""
+  spec = logical_to_spec(("batch",), rules, mesh)
+  entry = spec[0]
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def specs_as_strings(shardings: PyTree) -> dict[str, str]:
+  """{'path/to/param': 'PartitionSpec(...)'} for golden files and logs."""
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): str(s.spec) for path, s in flat}

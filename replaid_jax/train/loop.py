@@ -1,0 +1,366 @@
+"""The train loop: the one place where training meets files, devices and clocks.
+
+`train_and_evaluate(config, workdir)`:
+  1. converts and validates the config; loads (or builds) the tokenizer and data;
+  2. builds the mesh, the sharded parameters and optimizer state;
+  3. resumes from the workdir's latest checkpoint if there is one, else starts
+     from scratch (a resumed run continues the data order and random stream
+     exactly where they stopped);
+  4. trains, logging metrics, throughput and ETA, evaluating and checkpointing
+     on schedule, until `train.num_steps` or `train.max_minutes`;
+  5. saves, then evaluates the EMA parameters on the whole validation split and
+     writes <workdir>/eval/final.json (and a few samples).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import replaid_jax
+from replaid_jax import checkpoint as ckpt_lib
+from replaid_jax import config_lib
+from replaid_jax import errors
+from replaid_jax import flops as flops_lib
+from replaid_jax import metrics as metrics_lib
+from replaid_jax import sharding as sharding_lib
+from replaid_jax.data import pipeline
+from replaid_jax.diffusion import sampler
+from replaid_jax.eval import bound as bound_lib
+from replaid_jax.models import model as model_lib
+from replaid_jax.models import params as params_lib
+from replaid_jax.train import optim
+from replaid_jax.train import plots
+from replaid_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config, before any training step."""
+
+  config: config_lib.Config
+  corpus: pipeline.Corpus
+  mesh: Any
+  state: step_lib.TrainState
+  state_sharding: Any
+  params_sharding: Any
+  batch_sharding: Any
+  tx: Any
+  axes: Any
+
+
+def _frozen_groups(c: config_lib.Config) -> tuple[str, ...]:
+  frozen = []
+  if c.diffusion.schedule == "linear_fixed":
+    frozen.append("schedule")
+  if not c.diffusion.learn_bounds:
+    frozen.append("bounds")
+  return tuple(frozen)
+
+
+def resolve_vocab(c: config_lib.Config, corpus: pipeline.Corpus) -> config_lib.Config:
+  """Fills model.vocab_size from the data, or checks that the two agree."""
+  if c.model.vocab_size is None:
+    return dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=corpus.vocab_size))
+  if c.model.vocab_size != corpus.vocab_size:
+    raise errors.ConfigError(
+        f"model.vocab_size={c.model.vocab_size} but the tokenizer/data have {corpus.vocab_size} entries; "
+        "leave model.vocab_size unset to take it from the data."
+    )
+  return c
+
+
+def output_bias(c: config_lib.Config, corpus: pipeline.Corpus) -> np.ndarray | None:
+  if c.model.output_bias_init == "zeros":
+    return None
+  counts = corpus.unigram_counts.astype(np.float64) + 1.0
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
+  """Mesh, sharded state and optimizer for a resolved config."""
+  mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, devices)
+  rules = c.mesh.rules
+  split = sharding_lib.batch_divisor(mesh, rules)
+  micro = c.train.batch_size // c.train.grad_accum_steps
+  if micro % split:
+    raise errors.ConfigError(
+        f"the per-step micro-batch ({micro} sequences) is not divisible by the {split} devices the batch is "
+        f"split over; set train.batch_size (with train.grad_accum_steps) to a multiple of {split}."
+    )
+  tx = optim.make(c.optim, total_steps=c.train.num_steps, frozen=_frozen_groups(c))
+  bias = output_bias(c, corpus)
+  init_params = functools.partial(
+      model_lib.init, cfg=c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
+      output_bias=None if bias is None else jnp.asarray(bias),
+  )
+  abstract_params = jax.eval_shape(lambda k: init_params(k)[0], jax.random.key(c.seed))
+  axes = init_params_axes(c, bias)
+  params_sh = sharding_lib.param_shardings(abstract_params, axes, rules, mesh)
+  repl = sharding_lib.replicated(mesh)
+
+  def make_state(key):
+    params, _ = init_params(key)
+    return step_lib.init_state(params, tx)
+
+  abstract_state = jax.eval_shape(make_state, jax.random.key(c.seed))
+  opt_sh = _opt_state_shardings(abstract_state.opt_state, params_sh, repl)
+  state_sh = step_lib.TrainState(
+      step=repl, params=params_sh, ema_params=params_sh, opt_state=opt_sh,
+      loss_stats=jax.tree.map(lambda _: repl, abstract_state.loss_stats),
+  )
+  state = jax.jit(make_state, out_shardings=state_sh)(jax.random.key(c.seed))
+  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, axes)
+
+
+def init_params_axes(c: config_lib.Config, bias) -> Any:
+  """The logical-axes tree (static) of the model's parameters."""
+  holder = {}
+
+  def f(key):
+    values, axes = model_lib.init(key, c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
+                                  output_bias=None if bias is None else jnp.asarray(bias))
+    holder["axes"] = axes
+    return values
+
+  jax.eval_shape(f, jax.random.key(0))
+  return holder["axes"]
+
+
+def _opt_state_shardings(abstract_opt_state, params_sh, repl):
+  """Optimizer leaves that mirror a parameter (Adam moments) take its sharding; others are replicated.
+
+  A leaf mirrors a parameter when the parameter's key path ends the leaf's key
+  path and the shapes agree.
+  """
+  path_str = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
+  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+
+  def pick(path, leaf):
+    key = path_str(path)
+    for param_path, sh in by_path.items():
+      if key.endswith("/" + param_path) and len(leaf.shape) == len(sh.spec) or (
+          key.endswith("/" + param_path) and not sh.spec):
+        return sh
+    return repl
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def compile_step(run: Run):
+  c = run.config
+  fn = functools.partial(
+      step_lib.train_step, tx=run.tx, model_cfg=c.model, cfg=c.diffusion,
+      grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay,
+  )
+  repl = sharding_lib.replicated(run.mesh)
+  return jax.jit(fn, in_shardings=(run.state_sharding, run.batch_sharding, repl),
+                 out_shardings=(run.state_sharding, repl), donate_argnums=(0,))
+
+
+def global_batch(run: Run, local: np.ndarray) -> jax.Array:
+  return jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(local["tokens"], np.int32))
+
+
+def metadata(run: Run, config_dict: dict) -> dict:
+  tok = run.corpus.tokenizer
+  return {
+      "config": config_dict,
+      "objective": run.config.objective,
+      "vocab_size": run.config.model.vocab_size,
+      "tokenizer": tok.identity() if tok is not None else None,
+      "data": run.corpus.info,
+      "replaid_jax_version": replaid_jax.__version__,
+      "jax_version": jax.__version__,
+      "num_params": params_lib.count(run.state.params),
+  }
+
+
+def check_resume_compatible(saved: dict, run: Run) -> None:
+  """A checkpoint resumes only with the tokenizer and vocabulary it was trained with."""
+  vocab = run.config.model.vocab_size
+  if saved.get("vocab_size") != vocab:
+    raise errors.CheckpointError(
+        f"the checkpoint was trained with vocab_size={saved.get('vocab_size')} but the current tokenizer/data "
+        f"give {vocab}; use the tokenizer recorded in the checkpoint metadata ({saved.get('tokenizer')}) or a new workdir."
+    )
+  tok = run.corpus.tokenizer
+  old = saved.get("tokenizer")
+  if tok is not None and old is not None and old.get("sha256") != tok.identity()["sha256"]:
+    raise errors.CheckpointError(
+        f"the checkpoint was trained with tokenizer {old.get('path')} (sha256 {old.get('sha256', '')[:12]}…), "
+        f"not {tok.path}; set data.tokenizer_path to the original model or use a new workdir."
+    )
+
+
+class _Evaluator:
+  """Validation bound on the EMA parameters, jitted once per K."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    self._fns = {}
+
+  def __call__(self, params, *, num_times: int, max_batches: int, key) -> dict:
+    c = self.run.config
+    if num_times not in self._fns:
+      self._fns[num_times] = bound_lib.make_bound_fn(
+          model_cfg=c.model, cfg=c.diffusion, num_times=num_times,
+          params_sharding=self.run.params_sharding, batch_sharding=self.run.batch_sharding)
+    put = functools.partial(jax.device_put, device=self.run.batch_sharding)
+    t0 = time.time()
+    out = bound_lib.evaluate(self._fns[num_times], params, self.run.corpus.val, key,
+                             batch_size=c.eval.batch_size, max_batches=max_batches, put=put)
+    out["num_times"] = num_times
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) a run in `workdir`; returns the final evaluation."""
+  t_start = time.time()
+  c = config_lib.from_config_dict(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, "train"))
+  logging.info("RePlaid-JAX %s | jax %s | %d process(es), %d device(s): %s", replaid_jax.__version__,
+               jax.__version__, jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
+
+  corpus = pipeline.load_corpus(c.data, workdir=workdir)
+  logging.info("data: %s", json.dumps(corpus.info))
+  c = resolve_vocab(c, corpus)
+  run = build(c, corpus)
+  logging.info("model: %s parameters (%s in the denoiser)", f"{params_lib.count(run.state.params):,}",
+               f"{params_lib.count(run.state.params['denoiser']):,}")
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  train_iter = pipeline.train_iterator(
+      corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=c.data.num_workers)
+  meta = metadata(run, config.to_dict())
+  state = run.state
+  latest = ckpt.latest_step()
+  if latest is not None:
+    check_resume_compatible(ckpt.metadata(latest), run)
+    state = ckpt.restore_state(latest, ckpt_lib.abstract_like(state), train_iter)
+    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  else:
+    writer.write_json("config.json", meta)
+
+  step_fn = compile_step(run)
+  base_key = jax.random.key(c.seed)
+  first_batch = global_batch(run, next(train_iter))
+  t0 = time.time()
+  compiled = step_fn.lower(state, first_batch, base_key).compile()
+  compile_s = time.time() - t0
+  fwd = flops_lib.forward_flops_per_sequence(
+      seq_len=c.data.seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
+      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior)
+  analytic, analytic_no_sc = flops_lib.train_flops_per_step(
+      fwd, batch=c.train.batch_size, selfcond_fraction=c.diffusion.selfcond_fraction)
+  xla_flops = flops_lib.compiled_flops(compiled)
+  step_flops = xla_flops or analytic
+  peak = c.train.peak_flops or flops_lib.measure_matmul_flops() * jax.device_count()
+  logging.info("compiled train step in %.1fs; FLOPs/step: analytic %.3g (%.3g without self-cond pass), XLA %s; "
+               "peak %.3g FLOP/s (%s)", compile_s, analytic, analytic_no_sc,
+               f"{xla_flops:.3g}" if xla_flops else "n/a", peak,
+               "train.peak_flops" if c.train.peak_flops else "measured 2048^2 fp32 matmul")
+  writer.write(int(state.step), {"flops_per_step_analytic": analytic, "flops_per_step_analytic_no_selfcond":
+                                 analytic_no_sc, "flops_per_step_xla": xla_flops or 0.0, "peak_flops": peak,
+                                 "compile_seconds": compile_s}, prefix="setup/")
+
+  evaluator = _Evaluator(run)
+  eval_key = jax.random.fold_in(base_key, 2**31 - 1)
+  start_step = int(state.step)
+  budget = max(c.train.max_minutes - (time.time() - t_start) / 60, 1e-3) if c.train.max_minutes > 0 else 0.0
+  progress = metrics_lib.Progress(start_step, c.train.num_steps, budget)
+  tokens_per_step = c.train.batch_size * c.data.seq_len
+  last_eval_time = time.time()
+  batch = first_batch
+  pending = None
+  step = start_step
+  last_saved = latest
+
+  def log(step_done: int, m: dict) -> None:
+    m = jax.device_get(m)
+    if not np.isfinite(m["loss"]):
+      raise errors.TrainingError(
+          f"non-finite loss {m['loss']} at step {step_done}; the last checkpoint ({ckpt.latest_step()}) is intact. "
+          "Lower optim.lr or raise optim.warmup_steps.")
+    rate = progress.rate(step_done)
+    achieved = rate * step_flops
+    m.update({"steps_per_s": rate, "tokens_per_s": rate * tokens_per_step, "flops_per_s": achieved,
+              "mfu": achieved / peak, "lr": float(optim.learning_rates(c.optim, total_steps=c.train.num_steps)
+                                                  ["backbone"](step_done - 1)),
+              "minutes": (time.time() - t_start) / 60, "eta": metrics_lib.format_eta(progress.eta_seconds(step_done))})
+    writer.write(step_done, m, prefix="train/")
+
+  def validate(step_done: int, *, final: bool) -> dict:
+    nonlocal last_eval_time
+    k = c.eval.final_num_times if final else c.eval.num_times
+    res = evaluator(state.ema_params, num_times=k, max_batches=c.eval.final_max_batches if final else c.eval.max_batches,
+                    key=jax.random.fold_in(eval_key, step_done))
+    res["minutes"] = (time.time() - t_start) / 60
+    writer.write(step_done, {k2: v for k2, v in res.items() if not isinstance(v, list)}, prefix="val/")
+    plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
+                             os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+    last_eval_time = time.time()
+    return res
+
+  while step < c.train.num_steps and not progress.out_of_time():
+    state, m = compiled(state, batch, base_key)
+    step += 1
+    if pending is not None:
+      log(*pending)
+      pending = None
+    if step % c.train.log_every == 0 or step == c.train.num_steps:
+      pending = (step, m)
+    if step < c.train.num_steps:
+      batch = global_batch(run, next(train_iter))
+    if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0:
+      ckpt.save(step, state, train_iter, meta)
+      last_saved = step
+    minutes_due = c.train.eval_every_minutes and time.time() - last_eval_time >= 60 * c.train.eval_every_minutes
+    if (c.train.eval_every and step % c.train.eval_every == 0) or minutes_due:
+      if step < c.train.num_steps:
+        validate(step, final=False)
+  if pending is not None:
+    log(*pending)
+
+  if last_saved != step:
+    ckpt.save(step, state, train_iter, meta, force=True)
+  ckpt.wait()
+  train_minutes = (time.time() - t_start) / 60
+  final = validate(step, final=True)
+  final.update({
+      "step": step, "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60,
+      "unigram_nats_per_token": bound_lib.unigram_cross_entropy(corpus.unigram_counts, corpus.val),
+      "split": "validation", "data": corpus.info,
+  })
+  final["ratio_to_unigram"] = final["nats_per_token"] / final["unigram_nats_per_token"]
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  metrics_lib.MetricWriter(os.path.join(workdir, "eval"), tensorboard=False).write_json("final.json", final)
+  logging.info("validation bound at step %d: %.4f ± %.4f nats/token (perplexity ≤ %.2f) over %d sequences, K=%d; "
+               "unigram %.4f; ratio %.3f", step, final["nats_per_token"], final["stderr"], final["perplexity_bound"],
+               final["num_sequences"], final["num_times"], final["unigram_nats_per_token"], final["ratio_to_unigram"])
+  if c.eval.num_samples and corpus.tokenizer is not None and jax.process_index() == 0:
+    toks = sampler.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
+                          num_samples=c.eval.num_samples, seq_len=c.data.seq_len,
+                          num_steps=c.eval.sample_steps, model_cfg=c.model, cfg=c.diffusion)
+    texts = [corpus.tokenizer.decode([int(t) for t in row]) for row in np.asarray(toks)]
+    with open(os.path.join(workdir, "eval", f"samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
+      for text, row in zip(texts, np.asarray(toks)):
+        f.write(json.dumps({"step": step, "steps": c.eval.sample_steps, "text": text, "tokens": row.tolist()}) + "\n")
+    for i, text in enumerate(texts):
+      logging.info("sample %d:\n%s", i, text)
+  ckpt.close()
+  writer.close()
+  return final

@@ -1,0 +1,155 @@
+"""The train state and the pure train step.
+
+`TrainState` holds arrays only. `train_step` is a pure function of the state and
+a global batch; every random number comes from fold_in(base_key, step), so a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from replaid_jax.diffusion import elbo
+from replaid_jax.diffusion import time_sampling
+from replaid_jax.models import model as model_lib
+
+sg = jax.lax.stop_gradient
+
+
+@flax.struct.dataclass
+class LossStats:
+  """Bias-corrected EMAs of the per-example reconstruction and diffusion terms and their squares."""
+
+  recon_m1: jax.Array
+  recon_m2: jax.Array
+  diff_m1: jax.Array
+  diff_m2: jax.Array
+  weight: jax.Array  # 1 - decay^n: divides the raw EMAs into unbiased ones
+
+  @classmethod
+  def zeros(cls) -> "LossStats":
+    z = jnp.zeros((), jnp.float32)
+    return cls(z, z, z, z, z)
+
+  def update(self, terms: elbo.Terms, decay: float) -> "LossStats":
+    r = terms.is_recon.astype(jnp.float32)
+    d = 1.0 - r
+    nr, nd = jnp.maximum(r.sum(), 1.0), jnp.maximum(d.sum(), 1.0)
+    ema = lambda old, new: decay * old + (1.0 - decay) * new
+    return LossStats(
+        recon_m1=ema(self.recon_m1, jnp.sum(r * terms.recon) / nr),
+        recon_m2=ema(self.recon_m2, jnp.sum(r * terms.recon**2) / nr),
+        diff_m1=ema(self.diff_m1, jnp.sum(d * terms.diffusion) / nd),
+        diff_m2=ema(self.diff_m2, jnp.sum(d * terms.diffusion**2) / nd),
+        weight=ema(self.weight, 1.0),
+    )
+
+  def stds(self) -> tuple[jax.Array, jax.Array]:
+    w = jnp.maximum(self.weight, 1e-12)
+    var = lambda m1, m2: jnp.maximum(m2 / w - (m1 / w) ** 2, 0.0)
+    return jnp.sqrt(var(self.recon_m1, self.recon_m2)), jnp.sqrt(var(self.diff_m1, self.diff_m2))
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  loss_stats: LossStats
+
+
+def recon_rows(stats: LossStats, cfg: elbo.DiffusionConfig, batch: int) -> jax.Array:
+  """Reconstruction rows this step: Neyman allocation n_r / B = std_r / (std_r + std_d)."""
+  fixed = jnp.asarray(min(max(round(cfg.recon_fraction * batch), 1), batch - 1), jnp.int32)
+  if cfg.recon_split == "fixed":
+    return fixed
+  std_r, std_d = stats.stds()
+  share = std_r / jnp.maximum(std_r + std_d, 1e-12)
+  adaptive = jnp.clip(jnp.round(batch * share), 1, batch - 1).astype(jnp.int32)
+  return jnp.where(stats.weight > 0, adaptive, fixed)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      loss_stats=LossStats.zeros(),
+  )
+
+
+def train_step(
+    state: TrainState,
+    tokens_BL: jax.Array,
+    base_key: jax.Array,
+    *,
+    tx: optax.GradientTransformation,
+    model_cfg: model_lib.ModelConfig,
+    cfg: elbo.DiffusionConfig,
+    grad_accum_steps: int,
+    ema_decay: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch; returns the new state and scalar metrics."""
+  batch = tokens_BL.shape[0]
+  k_plan, k_noise = jax.random.split(jax.random.fold_in(base_key, state.step))
+  n_recon = recon_rows(state.loss_stats, cfg, batch)
+  plan = time_sampling.train_plan(k_plan, batch, n_recon, time_sampling.selfcond_period(cfg.selfcond_fraction))
+  weights = elbo.Weights(
+      n_recon=n_recon.astype(jnp.float32),
+      n_diff=(batch - n_recon).astype(jnp.float32),
+      n_rows=jnp.asarray(batch, jnp.float32),
+  )
+  pscale = elbo.prior_scale(cfg, state.step)
+  grad_fn = functools.partial(elbo.loss_and_grads, weights=weights, model_cfg=model_cfg, cfg=cfg, pscale=pscale)
+
+  if grad_accum_steps == 1:
+    loss, terms, grads = grad_fn(state.params, tokens_BL, plan, k_noise)
+  else:
+    micro = batch // grad_accum_steps
+    tokens_ABL = tokens_BL.reshape(grad_accum_steps, micro, -1)
+
+    def one(carry, i):
+      loss_acc, grads_acc = carry
+      loss_i, terms_i, grads_i = grad_fn(
+          state.params, tokens_ABL[i], plan.micro(i, micro), jax.random.fold_in(k_noise, i)
+      )
+      return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), terms_i
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), terms_A = jax.lax.scan(one, zero, jnp.arange(grad_accum_steps))
+    terms = jax.tree.map(lambda x: x.reshape((batch,) + x.shape[2:]), terms_A)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if ema_decay > 0:
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  else:
+    ema = params
+  new_state = TrainState(
+      step=state.step + 1,
+      params=params,
+      ema_params=ema,
+      opt_state=opt_state,
+      loss_stats=state.loss_stats.update(terms, cfg.loss_stats_decay),
+  )
+  r = terms.is_recon.astype(jnp.float32)
+  metrics = {
+      "loss": loss,
+      "recon": jnp.sum(terms.recon) / weights.n_recon,
+      "diffusion": jnp.sum(terms.diffusion) / weights.n_diff,
+      "prior": jnp.mean(terms.prior),
+      "diffusion_std": jnp.sqrt(jnp.sum((1 - r) * (terms.diffusion - jnp.sum(terms.diffusion) / weights.n_diff) ** 2)
+                                / jnp.maximum(weights.n_diff - 1, 1)),
+      "gamma_0": params["bounds"]["gamma_0"],
+      "gamma_1": params["bounds"]["gamma_1"],
+      "recon_share": weights.n_recon / batch,
+      "prior_scale": pscale,
+      "grad_norm": optax.global_norm(grads),
+  }
+  return new_state, metrics
