@@ -1,0 +1,236 @@
+"""SentencePiece tokenizers: loading, and training with an on-disk cache.
+
+Trained models keep text exactly: identity normalisation, no whitespace
+clean-up, no dummy prefix, byte fallback for unseen characters and "\\n" as a
+piece of its own, so `decode(encode(text)) == text` for verse.
+"""
+
+from collections.abc import Sequence
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+import sentencepiece as spm
+
+from replaid_jax.errors import ConfigError, DataError
+
+MODEL_TYPES = ("unigram", "bpe")
+# Ids reserved by a trained model: unk, bos, eos, "\n" and 256 byte pieces.
+_RESERVED_PIECES = 260
+# Training reads documents in chunks of about this many characters (whole
+# lines, so that newlines are seen in context) ...
+_CHUNK_CHARS = 1000
+# ... and at most about this many characters in all: an evenly spaced,
+# deterministic subset of the chunks, which keeps training a few seconds long.
+_MAX_TRAIN_CHARS = 3_000_000
+# Part of the cache key: bump when the training recipe changes.
+_RECIPE_VERSION = 1
+
+
+class Tokenizer:
+  """A SentencePiece model with an end-of-sequence id.
+
+  Build one with `load_tokenizer` or `train_or_load_tokenizer`.
+  """
+
+  def __init__(self, model_proto: bytes, *, path: str):
+    self._proto = model_proto
+    self._path = path
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    if self._sp.eos_id() < 0:
+      raise DataError(
+          f"{path}: the SentencePiece model has no end-of-sequence piece,"
+          " which packing needs between documents. Train it with an eos id"
+          " (e.g. --eos_id=2), or leave data.tokenizer_path empty to train"
+          " one.")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def bos_id(self) -> int:
+    """The beginning-of-sequence id, or -1 if the model has none."""
+    return self._sp.bos_id()
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str], *,
+                   num_threads: int | None = None) -> list[list[int]]:
+    """Encodes many texts with SentencePiece's threaded batch encoder."""
+    threads = num_threads or os.cpu_count() or 1
+    return self._sp.encode(list(texts), num_threads=threads)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self._sp.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(int(token_id))
+
+  def identity(self) -> dict:
+    """What checkpoints record to check that the same tokenizer is used."""
+    return {
+        "kind": "sentencepiece",
+        "path": self._path,
+        "sha256": hashlib.sha256(self._proto).hexdigest(),
+        "vocab_size": self.vocab_size,
+    }
+
+  def __repr__(self) -> str:
+    return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str, *, what: str = "data.tokenizer_path") -> Tokenizer:
+  """Loads a SentencePiece `.model` file; `what` names the config key in errors."""
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise DataError(
+        f"{what}: no file at '{path}'. Point {what} at a SentencePiece .model"
+        " file, or leave data.tokenizer_path empty to train one on the"
+        " training text.")
+  with open(path, "rb") as f:
+    proto = f.read()
+  if not proto:
+    raise DataError(
+        f"{what}: '{path}' is empty, not a SentencePiece model. Point {what}"
+        " at a complete .model file, or leave data.tokenizer_path empty to"
+        " train one.")
+  try:
+    return Tokenizer(proto, path=path)
+  except (RuntimeError, OSError, TypeError) as e:
+    raise DataError(
+        f"{what}: '{path}' is not a SentencePiece model ({e}). Point {what}"
+        " at the .model file written by SentencePiece training (not the"
+        " .vocab file), or leave data.tokenizer_path empty to train one.") from None
+
+
+def _training_chunks(texts: Sequence[str]) -> list[str]:
+  """Cuts documents into chunks of whole lines and keeps an evenly spaced subset."""
+  chunks = []
+  for text in texts:
+    lines, size = [], 0
+    for line in text.splitlines(keepends=True):
+      lines.append(line)
+      size += len(line)
+      if size >= _CHUNK_CHARS:
+        chunks.append("".join(lines))
+        lines, size = [], 0
+    if lines:
+      chunks.append("".join(lines))
+  total = sum(len(c) for c in chunks)
+  stride = max(1, -(-total // _MAX_TRAIN_CHARS))
+  return chunks[::stride]
+
+
+def _trainer_options(vocab_size: int, model_type: str) -> dict:
+  return dict(
+      vocab_size=vocab_size,
+      model_type=model_type,
+      num_threads=2,
+      character_coverage=1.0,
+      byte_fallback=True,
+      pad_id=-1,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      user_defined_symbols=["\n"],
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      max_sentence_length=16 * _CHUNK_CHARS,
+  )
+
+
+def _cache_key(texts: Sequence[str], options: dict) -> str:
+  h = hashlib.sha256()
+  recipe = {"version": _RECIPE_VERSION, "chunk_chars": _CHUNK_CHARS,
+            "max_train_chars": _MAX_TRAIN_CHARS, "options": options}
+  h.update(json.dumps(recipe, sort_keys=True).encode())
+  for text in texts:
+    data = text.encode("utf-8")
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+  return h.hexdigest()[:16]
+
+
+def _train(chunks: list[str], options: dict) -> bytes:
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(chunks), model_writer=model, minloglevel=2,
+        **options)
+  except RuntimeError as e:
+    raise DataError(
+        f"SentencePiece training failed: {e}. Change"
+        " data.tokenizer_vocab_size as the message says: it must cover the"
+        f" {_RESERVED_PIECES} reserved ids plus every distinct character of"
+        " the training text, and not exceed what the text supports (or train"
+        " on more text).") from None
+  return model.getvalue()
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to a temp file beside `path`, then renames it into place."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_",
+                             suffix=".model")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str,
+                            cache_dir: str) -> Tokenizer:
+  """Trains a SentencePiece model on `texts`, or loads it from `cache_dir`.
+
+  The cache file is `spm_<model_type>_<vocab_size>_<key>.model`, where the key
+  hashes the texts and the training options; equal inputs load the cached
+  model without retraining. Training is deterministic.
+  """
+  if model_type not in MODEL_TYPES:
+    raise ConfigError(
+        f"data.tokenizer_type='{model_type}' is not supported. Use one of"
+        f" {', '.join(MODEL_TYPES)}.")
+  if vocab_size <= _RESERVED_PIECES:
+    raise ConfigError(
+        f"data.tokenizer_vocab_size={vocab_size} is too small: a trained"
+        f" tokenizer reserves {_RESERVED_PIECES} ids (special pieces and byte"
+        " fallback). Use at least 384, e.g. 4096.")
+  if not any(text.strip() for text in texts):
+    raise DataError(
+        "Cannot train a tokenizer on an empty corpus. Check the training"
+        " files, or set data.tokenizer_path to an existing .model file.")
+  options = _trainer_options(vocab_size, model_type)
+  key = _cache_key(texts, options)
+  cache_dir = os.path.expanduser(cache_dir)
+  path = os.path.join(cache_dir, f"spm_{model_type}_{vocab_size}_{key}.model")
+  if os.path.isfile(path):
+    return load_tokenizer(path, what="data.cache_dir")
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+  except OSError as e:
+    raise DataError(
+        f"data.cache_dir: cannot create '{cache_dir}' ({e}). Set"
+        " data.cache_dir to a writable directory.") from None
+  _write_atomic(path, _train(_training_chunks(texts), options))
+  return load_tokenizer(path, what="data.cache_dir")
