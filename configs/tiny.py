@@ -30,5 +30,4 @@ def get_config():
   c.eval.num_samples = 1
   c.eval.sample_steps = 8
   c.checkpoint.every_steps = 2
-  c.checkpoint.async_save = False
   return c

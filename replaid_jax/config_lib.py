@@ -110,6 +110,11 @@ def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
     raise errors.ConfigError(
         f"config section '{name}' lacks {', '.join(missing)}; build configs on configs/base.py, which defines every key."
     )
+  for f in dataclasses.fields(cls):
+    if values[f.name] is None and "None" not in str(f.type):
+      raise errors.ConfigError(
+          f"{name}.{f.name} is required by this config and has no value; pass --config.{name}.{f.name}=..."
+      )
   return cls(**{k: _freeze(v) for k, v in values.items()})
 
 

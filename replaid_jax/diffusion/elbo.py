@@ -117,8 +117,12 @@ def per_example_terms(
     model_cfg: model_lib.ModelConfig,
     cfg: DiffusionConfig,
     pscale: jax.Array,
+    noise: jax.Array | None = None,
 ) -> Terms:
-  """ELBO terms per example, given gamma~(t) and gamma~'(t) for each row."""
+  """ELBO terms per example, given gamma~(t) and gamma~'(t) for each row.
+
+  `noise` [B, L, d_e] replaces the standard normal draw from `key` when given.
+  """
   if plan.sc_period and tokens_BL.shape[0] % plan.sc_period:
     raise ValueError(f"batch {tokens_BL.shape[0]} is not a multiple of the self-conditioning period {plan.sc_period}")
   sc = plan.is_sc
@@ -131,7 +135,7 @@ def per_example_terms(
   e = detach(embedding.lookup(table, tokens_BL))
 
   alpha2, sigma2 = noise_schedule.alpha_sigma2(g)
-  eps = jax.random.normal(key, e.shape, jnp.float32)
+  eps = jax.random.normal(key, e.shape, jnp.float32) if noise is None else noise
   z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * eps
 
   x_sc = _selfcond_input(params, z, g, plan.t, plan, model_cfg=model_cfg, pscale=pscale, use_prior=cfg.output_prior)

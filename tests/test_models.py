@@ -1,0 +1,132 @@
+"""Embeddings, noise schedule and denoiser: the properties the method relies on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from replaid_jax.models import denoiser
+from replaid_jax.models import embedding
+from replaid_jax.models import model as model_lib
+from replaid_jax.models import noise_schedule
+from replaid_jax.models import params as params_lib
+
+from conftest import TINY_MODEL, perturbed_params, replace
+
+
+def test_embeddings_have_unit_norm_rows_even_after_arbitrary_updates():
+  p = embedding.init(jax.random.key(0), 50, 16)
+  table = {"table": p["table"].value * jax.random.uniform(jax.random.key(1), (50, 1), minval=0.1, maxval=9.0)}
+  norms = jnp.linalg.norm(embedding.normalized(table), axis=-1)
+  np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+  e = embedding.lookup(embedding.normalized(table), jnp.array([[3, 7, 3]]))
+  np.testing.assert_allclose(e[0, 0], e[0, 2])
+  np.testing.assert_allclose(jnp.linalg.norm(e, axis=-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_schedule_is_monotone_with_exact_endpoints(seed):
+  p = params_lib.split(noise_schedule.init(jax.random.key(seed), 256))[0]
+  # Make the network strongly curved: monotonicity must hold whatever the weights.
+  p = jax.tree.map(lambda x: 3.0 * x, p)
+  t = jnp.linspace(0.0, 1.0, 4001)
+  gt = noise_schedule.gamma_tilde(p, t)
+  assert float(gt[0]) == 0.0 and float(gt[-1]) == 1.0
+  assert bool(jnp.all(jnp.diff(gt) > 0))
+  _, dgt = noise_schedule.gamma_tilde_and_deriv(p, t)
+  assert bool(jnp.all(dgt > 0))
+
+
+def test_schedule_derivative_matches_finite_differences_including_endpoints():
+  p = params_lib.split(noise_schedule.init(jax.random.key(3), 128))[0]
+  t = jnp.array([0.0, 0.1, 0.5, 0.77, 1.0])
+  _, dgt = noise_schedule.gamma_tilde_and_deriv(p, t)
+  f = lambda s: np.asarray(noise_schedule.gamma_tilde(p, jnp.asarray(s, jnp.float32)), np.float64)
+  h = 1e-3
+  tt = np.asarray(t)
+  fd = (f(np.clip(tt + h, 0, 1)) - f(np.clip(tt - h, 0, 1))) / (np.clip(tt + h, 0, 1) - np.clip(tt - h, 0, 1))
+  # One-sided differences at the endpoints are only first-order accurate.
+  np.testing.assert_allclose(dgt, fd, rtol=2e-2)
+
+
+def test_gamma_maps_to_variance_preserving_alpha_sigma():
+  bounds = params_lib.split(noise_schedule.init_bounds(-3.0, 6.0))[0]
+  g = noise_schedule.gamma(bounds, jnp.array([0.0, 1.0]))
+  np.testing.assert_allclose(g, [-3.0, 6.0])
+  a2, s2 = noise_schedule.alpha_sigma2(jnp.linspace(-20, 20, 9))
+  np.testing.assert_allclose(a2 + s2, 1.0, atol=1e-6)
+  np.testing.assert_allclose(a2 / s2, jnp.exp(-jnp.linspace(-20, 20, 9)), rtol=1e-4)
+
+
+def test_linear_fixed_schedule_is_the_identity():
+  t = jnp.linspace(0, 1, 11)
+  gt, dgt = noise_schedule.gamma_tilde_and_deriv({}, t, "linear_fixed")
+  np.testing.assert_allclose(gt, t)
+  np.testing.assert_allclose(dgt, 1.0)
+
+
+def _inputs(key, batch=3, length=8, cfg=TINY_MODEL):
+  k1, k2, k3 = jax.random.split(key, 3)
+  z = jax.random.normal(k1, (batch, length, cfg.embed_dim))
+  g = jax.random.uniform(k2, (batch,), minval=-3.0, maxval=6.0)
+  x_sc = jax.random.normal(k3, (batch, length, cfg.embed_dim)) * 0.1
+  return z, g, x_sc
+
+
+def test_fresh_model_outputs_are_exactly_bias_plus_output_prior():
+  """adaLN-Zero gates and the zero-initialised output layer: at init the network adds only its bias."""
+  params, _ = model_lib.init(jax.random.key(0), TINY_MODEL, gamma_0=-3.0, gamma_1=6.0)
+  z, g, x_sc = _inputs(jax.random.key(1))
+  logits, x_hat = model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)
+  table = embedding.normalized(params["embedding"])
+  a2, s2 = noise_schedule.alpha_sigma2(g)
+  # Independent form: log N(z; alpha e_v, sigma^2 I) up to a per-position constant.
+  loglik = -jnp.sum((z[:, :, None, :] - jnp.sqrt(a2)[:, None, None, None] * table) ** 2, -1) / (2 * s2[:, None, None])
+  np.testing.assert_allclose(jax.nn.log_softmax(logits), jax.nn.log_softmax(loglik), atol=2e-4)
+  np.testing.assert_allclose(x_hat, jax.nn.softmax(loglik) @ table, atol=2e-5)
+
+
+def test_expected_embedding_is_softmax_times_embeddings():
+  params = perturbed_params(jax.random.key(2))
+  z, g, x_sc = _inputs(jax.random.key(3))
+  logits, x_hat = model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=0.7)
+  np.testing.assert_allclose(x_hat, jax.nn.softmax(logits) @ embedding.normalized(params["embedding"]), atol=1e-5)
+
+
+def test_self_conditioning_projection_starts_at_zero_and_then_matters():
+  params, _ = model_lib.init(jax.random.key(0), TINY_MODEL, gamma_0=-3.0, gamma_1=6.0)
+  z, g, x_sc = _inputs(jax.random.key(4))
+  f = lambda p, sc: model_lib.predict(p, z, g, g, sc, cfg=TINY_MODEL, prior_scale=1.0)[0]
+  np.testing.assert_array_equal(f(params, x_sc), f(params, jnp.zeros_like(x_sc)))
+  pert = perturbed_params(jax.random.key(5))
+  assert float(jnp.max(jnp.abs(f(pert, x_sc) - f(pert, jnp.zeros_like(x_sc))))) > 1e-3
+
+
+def test_bidirectional_attention_sees_the_future_and_causal_does_not():
+  z, g, x_sc = _inputs(jax.random.key(6), batch=1)
+  for causal in (False, True):
+    cfg = replace(TINY_MODEL, causal=causal)
+    params = perturbed_params(jax.random.key(7), cfg)
+    f = lambda zz: denoiser.apply(params["denoiser"], zz, g, x_sc, *noise_schedule.alpha_sigma2(g), cfg.denoiser())
+    base = f(z)
+    moved = f(z.at[0, -1].add(1.0))
+    changed_early = float(jnp.max(jnp.abs(moved[0, :-1] - base[0, :-1])))
+    assert (changed_early == 0.0) == causal, (causal, changed_early)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  params = perturbed_params(jax.random.key(8))
+  z, g, x_sc = _inputs(jax.random.key(9))
+  out = {}
+  for dt in ("float32", "bfloat16"):
+    cfg = replace(TINY_MODEL, compute_dtype=dt)
+    out[dt] = model_lib.predict(params, z, g, g, x_sc, cfg=cfg, prior_scale=1.0)[1]
+    assert out[dt].dtype == jnp.float32
+  np.testing.assert_allclose(out["bfloat16"], out["float32"], atol=5e-2)
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+  params = perturbed_params(jax.random.key(0))
+  z, g, x_sc = _inputs(jax.random.key(1), length=TINY_MODEL.max_seq_len + 1)
+  with pytest.raises(ValueError, match="max_seq_len"):
+    model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)

@@ -1,0 +1,174 @@
+"""The train step on device meshes, resumption, and a whole run through the train binary."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from replaid_jax import checkpoint as ckpt_lib
+from replaid_jax import config_lib
+from replaid_jax.data import pipeline
+from replaid_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _synthetic_corpus(vocab=48, seq_len=32, rows=64, seed=0):
+  rng = np.random.default_rng(seed)
+  train = rng.integers(0, vocab, (rows, seq_len), dtype=np.int32)
+  val = rng.integers(0, vocab, (16, seq_len), dtype=np.int32)
+  return pipeline.Corpus(train=train, val=val, vocab_size=vocab, tokenizer=None,
+                         unigram_counts=np.bincount(train.reshape(-1), minlength=vocab).astype(np.float64),
+                         info={"source": "synthetic"})
+
+
+def _tiny_config(**overrides):
+  cd = tiny.get_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    cd[section][field] = value
+  return cd
+
+
+def _run_steps(mesh_shape, num_steps=3, **overrides):
+  cd = _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor"), **overrides})
+  corpus = _synthetic_corpus()
+  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  n = int(np.prod([s for s in mesh_shape]))
+  run = loop.build(c, corpus, devices=jax.devices()[:n])
+  step = loop.compile_step(run)
+  state = run.state
+  key = jax.random.key(c.seed)
+  losses = []
+  for i in range(num_steps):
+    batch = loop.global_batch(run, {"tokens": corpus.train[i * 8:(i + 1) * 8]})
+    state, m = step(state, batch, key)
+    losses.append(float(m["loss"]))
+  return jax.device_get(state.params), losses, run
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return _run_steps((1, 1, 1))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+def test_sharded_steps_equal_the_single_device_steps(single_device_run, mesh_shape):
+  params_1, losses_1, _ = single_device_run
+  params_n, losses_n, run = _run_steps(mesh_shape)
+  assert len(run.mesh.devices.reshape(-1)) == 8
+  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_n, params_1)
+  if mesh_shape[1] > 1:  # FSDP really shards: some parameter is split over "fsdp".
+    specs = [str(s.spec) for s in jax.tree.leaves(run.params_sharding)]
+    assert any("fsdp" in s for s in specs)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="not divisible by the 8 devices"):
+    _run_steps((8, 1, 1), num_steps=0, **{"train.batch_size": 12})
+
+
+def _npy_config(tmp_path, **overrides):
+  rng = np.random.default_rng(1)
+  np.save(tmp_path / "train.npy", rng.integers(0, 40, 5000, dtype=np.int32))
+  np.save(tmp_path / "val.npy", rng.integers(0, 40, 600, dtype=np.int32))
+  base = {"data.source": "npy", "data.train_files": str(tmp_path / "train.npy"),
+          "data.val_files": str(tmp_path / "val.npy"), "data.npy_vocab_size": 40, "data.val_plays": "",
+          "eval.num_samples": 0, "train.num_steps": 4, "checkpoint.every_steps": 2}
+  base.update(overrides)
+  return _tiny_config(**base)
+
+
+def _restore_final(workdir, step):
+  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                         ema_params=ocp.args.StandardRestore()))
+  with open(os.path.join(ck.directory, str(step), "data_iter", "process_0-of-1.json")) as f:
+    data_state = f.read()
+  ck.close()
+  return out["state"]["params"], out["ema_params"], data_state
+
+
+def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+  straight = str(tmp_path / "straight")
+  loop.train_and_evaluate(_npy_config(tmp_path), straight)
+  resumed = str(tmp_path / "resumed")
+  first = loop.train_and_evaluate(_npy_config(tmp_path), resumed, stop_after=2)
+  assert first == {"step": 2, "stopped": True}
+  loop.train_and_evaluate(_npy_config(tmp_path), resumed)
+  a_params, a_ema, a_data = _restore_final(straight, 4)
+  b_params, b_ema, b_data = _restore_final(resumed, 4)
+  jax.tree.map(np.testing.assert_array_equal, a_params, b_params)
+  jax.tree.map(np.testing.assert_array_equal, a_ema, b_ema)
+  assert a_data == b_data
+  with open(os.path.join(straight, "train", "metrics.jsonl")) as f:
+    straight_loss = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+  with open(os.path.join(resumed, "train", "metrics.jsonl")) as f:
+    resumed_loss = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+  assert straight_loss == resumed_loss and sorted(straight_loss) == [1, 2, 3, 4]
+
+
+def test_resuming_with_another_tokenizer_vocabulary_is_refused(tmp_path):
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(_npy_config(tmp_path, **{"train.num_steps": 2}), workdir)
+  cd = _npy_config(tmp_path, **{"data.npy_vocab_size": 48, "train.num_steps": 4})
+  with pytest.raises(errors.CheckpointError, match="vocab_size=40"):
+    loop.train_and_evaluate(cd, workdir)
+
+
+def _train_cli(workdir, *args, env=None):
+  cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny.py"),
+         f"--workdir={workdir}", *args]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+
+
+def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _train_cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.loads((workdir / "eval" / "final.json").read_text())
+  assert final["step"] == 4 and np.isfinite(final["nats_per_token"]) and final["stderr"] > 0
+  assert final["unigram_nats_per_token"] > 0 and final["num_times"] == 2
+  rows = [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "train/tokens_per_s" in r]
+  assert len(train_rows) == 4 and all(r["train/flops_per_s"] > 0 for r in train_rows)
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "train"))
+  assert (workdir / "plots" / "gamma_step4.png").stat().st_size > 1000
+  samples = [json.loads(line) for line in (workdir / "eval" / "samples_step4.jsonl").read_text().splitlines()]
+  assert len(samples) == 1 and len(samples[0]["tokens"]) == 32
+  assert "validation bound at step 4" in proc.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.train.bogus=3"], "unknown config key 'train.bogus'"),
+    (["--config.data.seq_len=128"], "data.seq_len=128 exceeds model.max_seq_len=64"),
+    (["--config.data.source=text", "--config.data.train_files=/nonexistent/*.txt",
+      "--config.data.val_files=/nonexistent/v.txt", "--config.data.val_plays="], "data.train_files"),
+])
+def test_bad_input_ends_with_one_clear_message_and_no_traceback(tmp_path, args, expected):
+  proc = _train_cli(tmp_path / "run", *args)
+  assert proc.returncode == 2
+  assert expected in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_bad_text_files_are_named_in_the_error(tmp_path):
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "latin1.txt"
+  bad.write_bytes(b"good text then \xff\xfe bad")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("   \n")
+  for path, pattern in ((bad, "latin1.txt"), (empty, "empty")):
+    cd = _tiny_config(**{"data.source": "text", "data.train_files": str(path), "data.val_files": str(path),
+                         "data.val_plays": ""})
+    with pytest.raises(errors.DataError, match=pattern):
+      loop.train_and_evaluate(cd, str(tmp_path / "w"))
