@@ -11,7 +11,14 @@ of the same tokens, and prints a few samples.
 from configs import base
 
 
-def get_config():
+# Budget variants (configs/demo.py:60min): steps sized to this 2-core CPU, a wall-clock stop as a safety net.
+_BUDGETS = {"20min": (1500, 16.0), "60min": (5400, 56.0)}
+
+
+def get_config(budget: str = "20min"):
+  if budget not in _BUDGETS:
+    raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(_BUDGETS)} (configs/demo.py:BUDGET).")
+  num_steps, max_minutes = _BUDGETS[budget]
   c = base.get_base_config()
   c.data.tokenizer_vocab_size = 512  # short pieces: local structure a small model learns fast
   c.data.seq_len = 64
@@ -27,8 +34,8 @@ def get_config():
   c.optim.decay = "cosine"
   c.optim.ema_decay = 0.0
   c.train.batch_size = 32
-  c.train.num_steps = 1500
-  c.train.max_minutes = 17.0  # safety stop; 1500 steps take about 15 minutes here
+  c.train.num_steps = num_steps
+  c.train.max_minutes = max_minutes
   c.train.log_every = 25
   c.train.eval_every = 0
   c.train.eval_every_minutes = 3.0
@@ -37,4 +44,6 @@ def get_config():
   c.eval.max_batches = 4
   c.eval.final_num_times = 3
   c.checkpoint.every_steps = 500
+  if budget == "60min":
+    c.train.eval_every_minutes = 6.0
   return c

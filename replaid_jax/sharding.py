@@ -18,7 +18,11 @@ PyTree = Any
 
 
 def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | None = None) -> Mesh:
-  """A mesh over all (or the given) devices; one -1 in `shape` takes what is left."""
+  """A mesh over all (or the given) devices; one -1 in `shape` takes what is left.
+
+  A shape without -1 that asks for fewer devices than there are uses the first
+  ones (single-process runs only).
+  """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   shape = list(shape)
@@ -29,8 +33,11 @@ def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | Non
     if n % rest:
       raise errors.ConfigError(f"mesh.shape {tuple(shape)} does not divide the {n} available devices.")
     shape[shape.index(-1)] = n // rest
-  if math.prod(shape) != n:
-    raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; {n} are available.")
+  need = math.prod(shape)
+  if need < n and jax.process_count() == 1:
+    devices, n = devices[:need], need  # a fully specified smaller mesh uses the first devices
+  if need != n:
+    raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {need} devices; {n} are available.")
   grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 

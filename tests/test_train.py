@@ -35,7 +35,7 @@ def _tiny_config(**overrides):
   return cd
 
 
-def _run_steps(mesh_shape, num_steps=3, **overrides):
+def _run_steps(mesh_shape, num_steps=2, **overrides):
   cd = _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor"), **overrides})
   corpus = _synthetic_corpus()
   c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
@@ -81,7 +81,7 @@ def _npy_config(tmp_path, **overrides):
   np.save(tmp_path / "val.npy", rng.integers(0, 40, 600, dtype=np.int32))
   base = {"data.source": "npy", "data.train_files": str(tmp_path / "train.npy"),
           "data.val_files": str(tmp_path / "val.npy"), "data.npy_vocab_size": 40, "data.val_plays": "",
-          "eval.num_samples": 0, "train.num_steps": 4, "checkpoint.every_steps": 2}
+          "eval.num_samples": 0, "eval.final_num_times": 0, "train.num_steps": 4, "checkpoint.every_steps": 2}
   base.update(overrides)
   return _tiny_config(**base)
 

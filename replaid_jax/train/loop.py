@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from absl import logging
+from clu import parameter_overview
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -242,8 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   logging.info("data: %s", json.dumps(corpus.info))
   c = resolve_vocab(c, corpus)
   run = build(c, corpus)
-  logging.info("model: %s parameters (%s in the denoiser)", f"{params_lib.count(run.state.params):,}",
-               f"{params_lib.count(run.state.params['denoiser']):,}")
+  logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{params_lib.count(run.state.params):,}",
+               f"{params_lib.count(run.state.params['denoiser']):,}",
+               parameter_overview.get_parameter_overview(run.state.params, include_stats=False))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   train_iter = pipeline.train_iterator(
@@ -319,8 +321,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                                                                    corpus.val[:res["num_sequences"]])
     res["ratio_to_unigram"] = res["nats_per_token"] / res["unigram_nats_per_token"]
     writer.write(step_done, {k2: v for k2, v in res.items() if not isinstance(v, list)}, prefix="val/")
-    plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
-                             os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+    if jax.process_index() == 0:
+      plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
+                               os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+      plots.save_bound_curve({"run": plots.read_validation_curve(workdir)},
+                             os.path.join(workdir, "plots", "bound_vs_minutes.png"))
     last_eval_time = time.time()
     return res
 
@@ -356,6 +361,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     writer.close()
     return {"step": step, "stopped": True}
   train_minutes = (time.time() - t_start) / 60
+  if not c.eval.final_num_times:
+    ckpt.close()
+    writer.close()
+    return {"step": step, "train_minutes": train_minutes}
   final = validate(step, final=True)
   final.update({
       "step": step, "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60,

@@ -26,3 +26,49 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def read_validation_curve(workdir: str) -> list[dict]:
+  """The run's validation rows from <workdir>/train/metrics.jsonl, in order."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "train", "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if "val/nats_per_token" in r]
+
+
+def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
+  """Validation bound (± 2 SE) and its ratio to the unigram cross-entropy against wall-clock minutes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+  for name, rows in runs.items():
+    if not rows:
+      continue
+    x = np.array([r["val/minutes"] for r in rows])
+    y = np.array([r["val/nats_per_token"] for r in rows])
+    se = np.array([r["val/stderr"] for r in rows])
+    line, = ax.plot(x, y, marker="o", label=f"{name}: bound ± 2 SE")
+    ax.fill_between(x, y - 2 * se, y + 2 * se, color=line.get_color(), alpha=0.2)
+    if "val/unigram_nats_per_token" in rows[0]:
+      uni = np.array([r["val/unigram_nats_per_token"] for r in rows])
+      ax.plot(x, uni, ls="--", lw=1, color=line.get_color(), label=f"{name}: unigram CE, same tokens")
+      ax_r.plot(x, y / uni, marker="o", color=line.get_color(), label=name)
+      ax_r.fill_between(x, (y - 2 * se) / uni, (y + 2 * se) / uni, color=line.get_color(), alpha=0.2)
+  ax_r.axhline(1.0, color="k", lw=1)
+  ax.set_xlabel("wall-clock minutes (setup, compilation, evaluations included)")
+  ax.set_ylabel("validation NELBO, nats/token")
+  ax_r.set_xlabel("wall-clock minutes")
+  ax_r.set_ylabel("bound / unigram cross-entropy")
+  for a in (ax, ax_r):
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
