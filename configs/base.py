@@ -96,10 +96,41 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.batch_size = 32  # sequences per eval batch
   e.num_times = 4  # K: diffusion times per sequence (low-discrepancy lattice)
   e.max_batches = 0  # 0: the whole split; else a quick look at that many batches
-  e.final_num_times = 8  # K for the evaluation that ends a run
+  e.final_num_times = 8  # K for the evaluation that ends a run (0: end without it)
   e.final_max_batches = 0  # batches of that evaluation (0: the whole validation split)
   e.num_samples = 4  # samples printed at the end of a run (0: none)
   e.sample_steps = 256  # ancestral steps for those samples
+  e.split = "test"  # launch/eval.py: split of a zero-shot set ("test", "validation" or "train")
+  e.data_dir = ""  # launch/eval.py: folder with local copies of zero-shot sets (errors name the files)
+  e.curve_points = 21  # launch/eval.py --curves: points of the t-grid on [0, 1]
+  e.curve_max_sequences = 128  # launch/eval.py --curves: held-out sequences per grid point
+  e.geometry_top_tokens = 20  # launch/eval.py --geometry: most frequent tokens whose neighbours are listed
+
+  # ---- sampling (launch/sample.py; --config.sample.KEY=VALUE overrides these and nothing else).
+  s = c.sample = ml_collections.ConfigDict()
+  s.num_samples = 8  # sequences to generate
+  s.batch_size = 8  # sequences per sampling batch (split over the devices of the mesh's batch axes)
+  s.seq_len = 0  # tokens per sample; 0: the checkpoint's data.seq_len
+  s.steps = 256  # T: sampler steps (up to thousands; coefficients are computed in float64)
+  s.sampler = "ddpm"  # "ddpm" (ancestral, VDM eq. 33), "ddim" or "dpm2m" (DPM-Solver++(2M))
+  s.time_grid = "uniform"  # step times: "uniform" in t, "quadratic" (finer near t=0) or "logsnr" (uniform in gamma)
+  s.score_temp = 1.0  # score temperature: eps_hat is divided by it (1: none; Plaid used 0.9)
+  s.selfcond = True  # feed each step's prediction x_hat to the next step (as in training)
+  s.seed = 0  # noise seed; sample i uses stream i, so a seed and settings fix the tokens
+  s.prefix = ""  # text every sample starts with (prefix completion)
+  s.prefix_file = ""  # UTF-8 file whose text is the prefix (instead of sample.prefix)
+  s.suffix = ""  # text every sample contains after the gap (infilling)
+  s.suffix_file = ""  # UTF-8 file whose text is the suffix (instead of sample.suffix)
+  s.gap = 0  # tokens generated between prefix and suffix; 0 puts the suffix at the end of the sequence
+  s.constraints = ""  # words to include, comma-separated: "word" anywhere, "word@POS" at a token, ":W" weight (as " word")
+  s.avoid = ""  # comma-separated words to avoid (negation), same syntax as sample.constraints
+  s.condition = "guidance"  # how prefix/suffix are imposed: "guidance" (gradient on z), "clamp" or "both"
+  s.guidance_weight = 2.0  # guidance weight w, multiplied by per-word weights (0 disables guidance)
+  s.tokenizer_path = ""  # tokenizer file when the recorded one moved (its sha256 must match the checkpoint's)
+  s.judge = ""  # generative-perplexity judge: "gpt2:DIR" (local Hugging Face GPT-2 directory) or "" for none
+  s.judge_batch_size = 8  # judge sequences per forward pass
+  s.print_samples = 8  # samples printed to the console (-1: all)
+  s.progress = True  # progress bar over the sampler steps on stderr
 
   # ---- checkpoints.
   k = c.checkpoint = ml_collections.ConfigDict()

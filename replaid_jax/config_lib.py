@@ -16,6 +16,7 @@ from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import time_sampling
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
+from replaid_jax.sample import settings as sample_settings
 
 OBJECTIVES = ("replaid",)
 
@@ -61,6 +62,11 @@ class EvalConfig:
   final_max_batches: int
   num_samples: int
   sample_steps: int
+  split: str
+  data_dir: str
+  curve_points: int
+  curve_max_sequences: int
+  geometry_top_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Config:
   eval: EvalConfig
   checkpoint: CheckpointConfig
   mesh: MeshConfig
+  sample: sample_settings.SampleConfig
 
 
 def _freeze(value: Any) -> Any:
@@ -138,6 +145,7 @@ def validate(c: Config) -> None:
   _choice("diffusion.schedule", d.schedule, noise_schedule.SCHEDULES)
   _choice("diffusion.recon_split", d.recon_split, elbo.RECON_SPLITS)
   _choice("optim.decay", c.optim.decay, ("cosine", "linear", "constant"))
+  sample_settings.validate(c.sample)
   for key in ("model.width", "model.num_layers", "model.num_heads", "model.embed_dim", "train.batch_size",
               "train.grad_accum_steps", "eval.batch_size", "eval.num_times", "optim.lr"):
     section, field = key.split(".")
@@ -187,6 +195,7 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
       "eval": EvalConfig,
       "checkpoint": CheckpointConfig,
       "mesh": MeshConfig,
+      "sample": sample_settings.SampleConfig,
   }
   top = {f.name for f in dataclasses.fields(Config)}
   unknown = sorted(set(values) - top)

@@ -1,0 +1,67 @@
+"""Generates text from a trained run's checkpoint (EMA parameters and the saved config).
+
+  python launch/sample.py --workdir=runs/demo [--step=N] [--config.sample.KEY=VALUE ...] [--benchmark]
+
+Examples:
+  --config.sample.sampler=dpm2m --config.sample.steps=64
+  --config.sample.prefix="ROMEO:" --config.sample.suffix="Exeunt." --config.sample.gap=20
+  --config.sample.constraints="crown:2,king" --config.sample.avoid="death"
+  --config.sample.judge=gpt2:/path/to/local/gpt2
+
+Writes <workdir>/samples/step<N>.jsonl and step<N>.summary.json; every sample key is
+described in configs/base.py. Only the sample section can be overridden.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import ml_collections
+
+from configs import base
+from replaid_jax import cli
+from replaid_jax.sample import run
+
+
+def _define_config():
+  """The --config.sample.* flags; a bad override ends here with one line (they are parsed at definition)."""
+  defaults = base.get_base_config().sample
+  try:
+    return config_flags.DEFINE_config_dict(
+        "config", ml_collections.ConfigDict({"sample": defaults}),
+        "Sampling settings: only --config.sample.KEY=VALUE overrides are read.", lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    names = [a.split("=", 1)[0][2:] for a in sys.argv[1:] if a.startswith("--config.")]
+    others = [n for n in names if not n.startswith("config.sample.")]
+    unknown = [n for n in names if n.startswith("config.sample.") and n[len("config.sample."):] not in defaults]
+    if others:
+      problem = (f"only --config.sample.KEY=VALUE overrides are accepted, not --{', --'.join(others)} (the other "
+                 "sections come from the checkpoint)")
+    elif unknown:
+      problem = f"unknown sample key(s) {', '.join(n[len('config.'):] for n in unknown)}"
+    else:
+      problem = f"bad --config.sample override ({e})"
+    print(f"error: {problem}; the sample keys are described in configs/base.py.", file=sys.stderr)
+    sys.exit(2)
+
+
+_CONFIG = _define_config()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (holds checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the latest).")
+_BENCHMARK = flags.DEFINE_boolean("benchmark", False, "Also time a sampler step against one forward pass.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  overrides = {key.split(".", 1)[1]: value
+               for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items()}
+  run.sample_checkpoint(_WORKDIR.value, step=_STEP.value, overrides=overrides, benchmark=_BENCHMARK.value)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  cli.run(main)

@@ -1,0 +1,466 @@
+"""Evaluation sets by name, tokenised with the checkpoint's tokenizer and packed like the training data.
+
+Names:
+  validation, train        the training run's own splits, rebuilt from the saved `data` config
+  text:<paths or globs>    the user's .txt (one document per file) / .jsonl (one per line) files
+  npy:<paths or globs>     pre-tokenised token streams (ids of the checkpoint's vocabulary)
+  wikitext2, wikitext103, ptb, lm1b, lambada, ag_news, pubmed, arxiv
+                           zero-shot sets, read from a local copy under `eval.data_dir`, or from a
+                           prepared tensorflow-datasets builder when that package is installed
+
+Wrapping rule, the same as training (`pipeline.pack`): documents, each followed by
+EOS, are concatenated and cut into rows of `data.seq_len` tokens; no BOS; the
+remainder that does not fill a row is dropped and counted. Nothing is downloaded:
+a set that cannot be found offline raises a DataError naming the files to supply
+and the config key that points at them.
+"""
+
+import csv
+import dataclasses
+import glob
+import io
+import json
+import os
+import re
+from typing import Callable
+
+import numpy as np
+
+from replaid_jax import errors
+from replaid_jax.data import pipeline
+from replaid_jax.data import sources
+from replaid_jax.data import tokenizer as tokenizer_lib
+
+SPLITS = ("test", "validation", "train")
+WRAPPING = ("documents joined in order, each followed by EOS (no BOS), cut into rows of seq_len tokens; "
+            "the remainder that does not fill a row is dropped")
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """Packed rows of one split and how they were made."""
+
+  name: str  # safe for file names: "validation", "wikitext2", "text-mybook", ...
+  split: str
+  tokens: np.ndarray  # int32 [N, seq_len]
+  protocol: dict  # JSON-able: source, detokeniser, wrapping rule, counts
+  unigram_counts: np.ndarray | None = None  # training-token counts (the run's own splits only)
+
+
+# ---- detokenisers: word-level benchmark text back to ordinary text.
+
+
+def _tidy_punctuation(s: str) -> str:
+  """Joins tokenised punctuation to its word: 'a , b .' -> 'a, b.', '( x )' -> '(x)'."""
+  s = re.sub(r" ([.,:;!?%])(?=\s|$)", r"\1", s)
+  s = re.sub(r"([(\[{]) ", r"\1", s)
+  s = re.sub(r" ([)\]}])", r"\1", s)
+  s = re.sub(r'" ([^"\n]*?) "', r'"\1"', s)
+  s = re.sub(r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1", s, flags=re.IGNORECASE)
+  s = re.sub(r"s ' ", "s' ", s)
+  s = re.sub(r"\$ (?=\d)", "$", s)
+  s = re.sub(r"# (?=\d)", "#", s)
+  return s
+
+
+def detok_wikitext(s: str) -> str:
+  """WikiText: ' @-@ ' -> '-', ' @,@ ' -> ',', ' @.@ ' -> '.', heading markers '= = x = =' -> '== x ==', punctuation."""
+  s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+  for n in (4, 3, 2):
+    s = s.replace(" ".join("=" * n), "=" * n)
+  s = s.replace(" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}")
+  s = _tidy_punctuation(s)
+  return "\n".join(line.strip() for line in s.split("\n"))
+
+
+def detok_ptb(s: str) -> str:
+  """PTB: contractions and punctuation re-attached, '\\/' -> '/', the number mask 'N' and '<unk>' kept as written."""
+  s = s.replace("\\/", "/").replace("\\*", "*")
+  return "\n".join(_tidy_punctuation(line.strip()) for line in s.split("\n"))
+
+
+def detok_lm1b(s: str) -> str:
+  """LM1B (and other Moses-tokenised text): punctuation and contractions re-attached, ' @-@ ' -> '-'."""
+  s = s.replace(" @-@ ", "-").replace("http : / / ", "http://").replace("https : / / ", "https://")
+  return _tidy_punctuation(s)
+
+
+def detok_lambada(s: str) -> str:
+  """LAMBADA: curly quotes -> straight quotes, surrounding whitespace stripped."""
+  s = s.replace("\N{LEFT DOUBLE QUOTATION MARK}", '"').replace("\N{RIGHT DOUBLE QUOTATION MARK}", '"')
+  s = s.replace("\N{LEFT SINGLE QUOTATION MARK}", "'").replace("\N{RIGHT SINGLE QUOTATION MARK}", "'")
+  return s.strip()
+
+
+def detok_ag_news(s: str) -> str:
+  """AG News: the CSV's HTML remnants (' #39;' -> "'", 'quot;' -> '"', '&amp;' -> '&'); '\\' line marks -> space."""
+  s = s.replace(" #39;", "'").replace("#39;", "'").replace("quot;", '"').replace("&amp;", "&")
+  s = s.replace("&lt;", "<").replace("&gt;", ">").replace("\\", " ")
+  return re.sub(r"[ \t]+", " ", s).strip()
+
+
+def detok_papers(s: str) -> str:
+  """PubMed / arXiv articles (lower-cased, tokenised): punctuation and contractions re-attached; @xmath kept."""
+  return _tidy_punctuation(s.replace(" @-@ ", "-"))
+
+
+def detok_none(s: str) -> str:
+  """Text used as written."""
+  return s
+
+
+# ---- readers: a local file -> documents (original text).
+
+
+def _read(path: str) -> str:
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8").removeprefix("\ufeff")
+  except UnicodeDecodeError as e:
+    raise errors.DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-encode it as UTF-8.") from None
+
+
+_WIKI_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def read_wikitext(path: str) -> list[str]:
+  """One document per article; an article starts at a top-level heading line ' = Title = '."""
+  docs, current = [], []
+
+  def flush():
+    while current and not current[-1].strip():
+      current.pop()
+    if current:
+      docs.append("\n".join(current))
+
+  for line in _read(path).split("\n"):
+    if _WIKI_TITLE.match(line):
+      flush()
+      current = []
+    if current or line.strip():
+      current.append(line)
+  flush()
+  return docs
+
+
+def read_lines(path: str) -> list[str]:
+  """One document per non-blank line (sentences of PTB and LM1B, passages of LAMBADA)."""
+  return [line.strip() for line in _read(path).split("\n") if line.strip()]
+
+
+def _jsonl_field(path: str, fields: tuple[str, ...]) -> list[str]:
+  docs = []
+  for lineno, line in enumerate(_read(path).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise errors.DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object.") from None
+    for field in fields:
+      if isinstance(record, dict) and field in record:
+        value = record[field]
+        docs.append(" ".join(value) if isinstance(value, list) else str(value))
+        break
+    else:
+      raise errors.DataError(f"{path}:{lineno}: none of the fields {list(fields)} is present; this is not the "
+                             "expected release of the data set.")
+  return [d for d in docs if d.strip()]
+
+
+def read_ag_news_csv(path: str) -> list[str]:
+  """The original AG News CSV (class, title, description): 'title. description' per row; .jsonl: field 'text'."""
+  if path.endswith(".jsonl"):
+    return _jsonl_field(path, ("text",))
+  docs = []
+  for row in csv.reader(io.StringIO(_read(path))):
+    if len(row) < 3:
+      continue
+    title, description = row[1].strip(), row[2].strip()
+    docs.append(f"{title} {description}".strip())
+  return docs
+
+
+def read_papers(path: str) -> list[str]:
+  """Scientific papers: the original release (one JSON per line, 'article_text' a list of sentences) or an
+  export with an 'article' field."""
+  return _jsonl_field(path, ("article", "article_text", "text"))
+
+
+def read_lambada(path: str) -> list[str]:
+  """LAMBADA plain text (one passage per line) or the jsonl release (field 'text')."""
+  return _jsonl_field(path, ("text",)) if path.endswith(".jsonl") else read_lines(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShot:
+  """Where a zero-shot set lives offline and how it is read."""
+
+  title: str
+  origin: str  # the archive the files come from, for the error message
+  files: dict  # split -> candidate paths under eval.data_dir (globs allowed), first match wins
+  reader: Callable[[str], list[str]]
+  detokenizer: Callable[[str], str]
+  word_level: bool
+  tfds: tuple[str, tuple[str, ...]] | None = None  # (builder, text features joined by a space)
+  tfds_splits: tuple[str, ...] = ()
+
+
+def _wikitext(n: str, title: str) -> ZeroShot:
+  files = {split: (f"wikitext-{n}-raw/wiki.{name}.raw", f"wikitext-{n}-raw-v1/wiki.{name}.raw",
+                   f"wikitext-{n}/wiki.{name}.tokens")
+           for split, name in (("test", "test"), ("validation", "valid"), ("train", "train"))}
+  return ZeroShot(title, f"wikitext-{n}-raw-v1.zip (Salesforce WikiText release), unzipped", files, read_wikitext,
+                  detok_wikitext, True)
+
+
+_LM1B = "1-billion-word-language-modeling-benchmark-r13output"
+ZERO_SHOT = {
+    "wikitext2": _wikitext("2", "WikiText-2"),
+    "wikitext103": _wikitext("103", "WikiText-103"),
+    "ptb": ZeroShot(
+        "Penn Treebank (Mikolov)", "simple-examples.tgz (Mikolov's PTB language-modelling data), data/ptb.*.txt",
+        {s: (f"ptb.{n}.txt", f"ptb/ptb.{n}.txt", f"simple-examples/data/ptb.{n}.txt")
+         for s, n in (("test", "test"), ("validation", "valid"), ("train", "train"))},
+        read_lines, detok_ptb, True),
+    "lm1b": ZeroShot(
+        "One Billion Word benchmark", "1-billion-word-language-modeling-benchmark-r13output.tar.gz, unpacked",
+        {"test": (f"{_LM1B}/heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050", "lm1b/test.txt"),
+         "train": (f"{_LM1B}/training-monolingual.tokenized.shuffled/news.en-*-of-00100", "lm1b/train.txt")},
+        read_lines, detok_lm1b, True, tfds=("lm1b", ("text",)), tfds_splits=("test", "train")),
+    "lambada": ZeroShot(
+        "LAMBADA", "lambada-dataset.tar.gz (plain-text passages) or lambada_test.jsonl (field 'text')",
+        {"test": ("lambada_test_plain_text.txt", "lambada/lambada_test_plain_text.txt", "lambada_test.jsonl",
+                  "lambada/lambada_test.jsonl"),
+         "validation": ("lambada_development_plain_text.txt", "lambada/lambada_development_plain_text.txt")},
+        read_lambada, detok_lambada, True),
+    "ag_news": ZeroShot(
+        "AG News", "ag_news_csv.tgz (columns class, title, description), unpacked; or ag_news/<split>.jsonl ('text')",
+        {"test": ("ag_news_csv/test.csv", "ag_news/test.csv", "ag_news/test.jsonl"),
+         "train": ("ag_news_csv/train.csv", "ag_news/train.csv", "ag_news/train.jsonl")},
+        read_ag_news_csv, detok_ag_news, False, tfds=("ag_news_subset", ("title", "description")),
+        tfds_splits=("test", "train")),
+    "pubmed": ZeroShot(
+        "PubMed (scientific_papers)", "pubmed-dataset.zip (Cohan et al. 2018), unzipped; or pubmed/<split>.jsonl",
+        {s: (f"pubmed-dataset/{n}.txt", f"pubmed/{n}.jsonl", f"pubmed/{s}.jsonl")
+         for s, n in (("test", "test"), ("validation", "val"), ("train", "train"))},
+        read_papers, detok_papers, False, tfds=("scientific_papers/pubmed", ("article",)),
+        tfds_splits=("test", "validation", "train")),
+    "arxiv": ZeroShot(
+        "arXiv (scientific_papers)", "arxiv-dataset.zip (Cohan et al. 2018), unzipped; or arxiv/<split>.jsonl",
+        {s: (f"arxiv-dataset/{n}.txt", f"arxiv/{n}.jsonl", f"arxiv/{s}.jsonl")
+         for s, n in (("test", "test"), ("validation", "val"), ("train", "train"))},
+        read_papers, detok_papers, False, tfds=("scientific_papers/arxiv", ("article",)),
+        tfds_splits=("test", "validation", "train")),
+}
+NAMES = ("validation", "train", "text:<paths>", "npy:<paths>") + tuple(ZERO_SHOT)
+
+
+# ---- the checkpoint's tokenizer.
+
+
+def checkpoint_tokenizer(meta: dict, workdir: str) -> tokenizer_lib.Tokenizer | None:
+  """The tokenizer recorded in a checkpoint's metadata, verified by sha256 and vocabulary size.
+
+  Looks at the recorded path, then at <workdir>/tokenizer/<same name> (a run
+  directory that was moved). None when the run had no tokenizer (.npy data).
+  """
+  ident = meta.get("tokenizer")
+  vocab = meta.get("vocab_size")
+  if not ident:
+    return None
+  recorded = ident.get("path", "")
+  candidates = [recorded, os.path.join(os.path.abspath(workdir), "tokenizer", os.path.basename(recorded))]
+  found = []
+  for path in dict.fromkeys(candidates):
+    if not path or not os.path.isfile(path):
+      continue
+    tok = tokenizer_lib.load_tokenizer(path, what="the checkpoint's tokenizer")
+    got = tok.identity()
+    if got["sha256"] == ident.get("sha256") and tok.vocab_size == vocab:
+      return tok
+    found.append(f"{path} (sha256 {got['sha256'][:12]}…, {tok.vocab_size} pieces)")
+  want = f"sha256 {str(ident.get('sha256'))[:12]}…, {ident.get('vocab_size')} pieces; model vocab_size {vocab}"
+  if found:
+    raise errors.CheckpointError(
+        f"the tokenizer found for this checkpoint does not match the one it was trained with ({want}): "
+        f"{'; '.join(found)}. Put the original SentencePiece model back at {recorded}.")
+  raise errors.CheckpointError(
+      f"the checkpoint's tokenizer is missing: no file at {recorded} nor at {candidates[1]} ({want}). Copy the "
+      "SentencePiece model the run was trained with to one of those paths.")
+
+
+# ---- loading.
+
+
+def _pack_docs(docs: list[str], tok: tokenizer_lib.Tokenizer, seq_len: int) -> tuple[np.ndarray, int, int]:
+  ids = tok.encode_batch(docs)
+  rows, dropped = pipeline.pack(ids, eos_id=tok.eos_id, seq_len=seq_len)
+  return rows, dropped, sum(len(x) for x in ids) + len(ids)
+
+
+def _finish(name: str, split: str, rows: np.ndarray, dropped: int, seq_len: int, protocol: dict) -> EvalSet:
+  if not rows.shape[0]:
+    raise errors.DataError(
+        f"{name} ({split}) holds {dropped} tokens, fewer than one sequence of seq_len={seq_len}; "
+        "supply more text.")
+  protocol.update({"dataset": name, "split": split, "seq_len": seq_len, "wrapping": WRAPPING, "bos": False,
+                   "eos_after_each_document": True, "num_rows": int(rows.shape[0]), "tokens_in_rows": int(rows.size),
+                   "tokens_dropped": int(dropped)})
+  return EvalSet(name, split, rows, protocol)
+
+
+def _text_protocol(docs_orig: list[str], total_tokens: int, word_level: bool) -> dict:
+  words = sum(len(d.split()) for d in docs_orig)
+  return {"num_documents": len(docs_orig), "words": words, "words_per_token": words / max(total_tokens, 1),
+          "word_level": word_level,
+          "words_rule": "whitespace-separated items of the original (pre-detokenisation) text"}
+
+
+def _run_split(name: str, data_cfg: pipeline.DataConfig, tok, workdir: str) -> EvalSet:
+  """The run's own validation or training split: `load_corpus` on the saved data config."""
+  if tok is not None:
+    data_cfg = dataclasses.replace(data_cfg, tokenizer_path=tok.path)  # never retrain, never write
+  key = "val" if name == "validation" else "train"
+  try:
+    corpus = pipeline.load_corpus(data_cfg, workdir=workdir)
+  except errors.DataError as e:
+    raise errors.DataError(
+        f"{e} (The data paths come from the checkpoint's saved config and cannot be changed at evaluation; if the "
+        f"files moved, evaluate them where they are now with --dataset=text:<paths> or --dataset=npy:<paths>, "
+        "which pack them by the same rule.)") from None
+  info = corpus.info
+  protocol = {
+      "source": f"the run's {name} split (data.source={data_cfg.source}"
+                + (f", data.{key}_files={getattr(data_cfg, key + '_files')}" if data_cfg.source != "shakespeare"
+                   else f", data.val_plays={data_cfg.val_plays}") + ")",
+      "detokenizer": "none", "num_documents": info.get(f"{key}_docs"),
+  }
+  out = _finish(name, name, getattr(corpus, key), info[f"{key}_tokens_dropped"], data_cfg.seq_len, protocol)
+  out.unigram_counts = corpus.unigram_counts
+  return out
+
+
+def _need_tokenizer(tok, what: str):
+  if tok is None:
+    raise errors.DataError(
+        f"{what} is text, but this checkpoint was trained on pre-tokenised .npy data without a tokenizer; "
+        "evaluate --dataset=validation, or pre-tokenised files with --dataset=npy:<paths>.")
+  return tok
+
+
+def _safe(s: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.")[:60] or "files"
+
+
+def _text_files(spec: str, tok, seq_len: int, jsonl_field: str) -> EvalSet:
+  tok = _need_tokenizer(tok, f"--dataset=text:{spec}")
+  docs = sources.read_text_files(spec, jsonl_field=jsonl_field, what="--dataset=text:")
+  rows, dropped, total = _pack_docs(docs, tok, seq_len)
+  protocol = {"source": f"text files {spec}", "detokenizer": "none", **_text_protocol(docs, total, False)}
+  return _finish(*set_name(f"text:{spec}", ""), rows, dropped, seq_len, protocol)
+
+
+def _npy_files(spec: str, vocab_size: int, seq_len: int) -> EvalSet:
+  stream = sources.read_token_arrays(spec, vocab_size=vocab_size, what="--dataset=npy:")
+  n = stream.size // seq_len
+  rows = np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
+  protocol = {"source": f"token arrays {spec}", "detokenizer": "none (pre-tokenised)",
+              "wrapping_note": "the token stream is cut as stored (EOS placement is the file's)"}
+  return _finish(*set_name(f"npy:{spec}", ""), rows, int(stream.size - rows.size), seq_len, protocol)
+
+
+def _local_files(spec: ZeroShot, split: str, data_dir: str) -> list[str]:
+  for pattern in spec.files.get(split, ()):
+    path = os.path.join(data_dir, pattern)
+    matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
+    if matches:
+      return matches
+  return []
+
+
+def _tfds_docs(spec: ZeroShot, split: str, data_dir: str) -> tuple[list[str], str] | None:
+  """Documents from an already prepared tensorflow-datasets builder; None when unavailable (never downloads)."""
+  if spec.tfds is None or split not in spec.tfds_splits:
+    return None
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  builder_name, fields = spec.tfds
+  try:
+    builder = tfds.builder(builder_name, data_dir=data_dir or None)
+    info_file = os.path.join(builder.data_dir, "dataset_info.json")
+    if not os.path.isfile(info_file):
+      return None
+    docs = []
+    for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+      parts = [example[f].decode("utf-8") if isinstance(example[f], bytes) else str(example[f]) for f in fields]
+      docs.append(" ".join(p.strip() for p in parts))
+    return docs, f"tensorflow-datasets builder {builder_name} at {builder.data_dir}"
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.DataError(f"tensorflow-datasets builder {builder_name} could not be read offline ({e}); supply a "
+                           f"local copy under eval.data_dir instead.") from None
+
+
+def _zero_shot(name: str, split: str, data_dir: str, tok, seq_len: int) -> EvalSet:
+  spec = ZERO_SHOT[name]
+  if split not in spec.files and split not in spec.tfds_splits:
+    have = sorted(set(spec.files) | set(spec.tfds_splits))
+    raise errors.ConfigError(f"{name} has no '{split}' split; set --config.eval.split to one of {have}.")
+  tok = _need_tokenizer(tok, f"--dataset={name}")
+  data_dir = os.path.expanduser(data_dir) if data_dir else ""
+  files = _local_files(spec, split, data_dir) if data_dir else []
+  if files:
+    docs = [d for path in files for d in spec.reader(path)]
+    source = ", ".join(files) if len(files) <= 4 else f"{files[0]} ... {files[-1]} ({len(files)} files)"
+  else:
+    got = _tfds_docs(spec, split, data_dir)
+    if got is None:
+      where = data_dir or "<unset>"
+      wanted = " or ".join(os.path.join(data_dir or "DIR", p) for p in spec.files.get(split, ()))
+      tfds_hint = (f" (or a prepared tensorflow-datasets '{spec.tfds[0]}' builder under eval.data_dir)"
+                   if spec.tfds and split in spec.tfds_splits else "")
+      raise errors.DataError(
+          f"{spec.title} ({name}, split '{split}') is not available offline: eval.data_dir={where} holds none of "
+          f"{wanted or 'the expected files'}{tfds_hint}. Supply {spec.origin} and pass "
+          f"--config.eval.data_dir=DIR (nothing is downloaded).")
+    docs, source = got
+  docs = [d for d in docs if d.strip()]
+  if not docs:
+    raise errors.DataError(f"{name} ({split}) from {source} holds no non-blank document; check the files.")
+  text = [spec.detokenizer(d) for d in docs]
+  rows, dropped, total = _pack_docs(text, tok, seq_len)
+  protocol = {"source": source, "title": spec.title,
+              "detokenizer": f"{spec.detokenizer.__name__}: {spec.detokenizer.__doc__.strip()}",
+              **_text_protocol(docs, total, spec.word_level)}
+  return _finish(name, split, rows, dropped, seq_len, protocol)
+
+
+def set_name(dataset: str, split: str) -> tuple[str, str]:
+  """(name, split) of the results file <name>_<split>_step<N>.json, known before anything is loaded."""
+  if dataset in ("validation", "train"):
+    return dataset, dataset
+  for prefix in ("text", "npy"):
+    if dataset.startswith(prefix + ":"):
+      first = os.path.splitext(os.path.basename(dataset[len(prefix) + 1:].split(",")[0].strip()))[0]
+      return f"{prefix}-{_safe(first)}", prefix
+  return dataset, split
+
+
+def load(dataset: str, *, split: str, data_cfg: pipeline.DataConfig, vocab_size: int,
+         tok: tokenizer_lib.Tokenizer | None, workdir: str, data_dir: str = "") -> EvalSet:
+  """The evaluation set `dataset` (see the module docstring), packed to data_cfg.seq_len rows."""
+  seq_len = data_cfg.seq_len
+  if dataset in ("validation", "train"):
+    return _run_split(dataset, data_cfg, tok, workdir)
+  if dataset.startswith("text:"):
+    return _text_files(dataset[len("text:"):], tok, seq_len, data_cfg.jsonl_field)
+  if dataset.startswith("npy:"):
+    return _npy_files(dataset[len("npy:"):], vocab_size, seq_len)
+  if dataset in ZERO_SHOT:
+    if split not in SPLITS:
+      raise errors.ConfigError(f"eval.split={split!r} is not one of {SPLITS}.")
+    return _zero_shot(dataset, split, data_dir, tok, seq_len)
+  raise errors.ConfigError(f"--dataset={dataset!r} is unknown; use one of {', '.join(NAMES)}.")

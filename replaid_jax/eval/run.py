@@ -1,0 +1,607 @@
+"""Evaluates saved checkpoints: the likelihood bound with error bars, information-loss curves, embedding geometry.
+
+`evaluate_checkpoint(workdir, step=None, dataset="validation", overrides={})`:
+  1. opens <workdir>/checkpoints read-only and checks that the step is complete;
+  2. rebuilds the config saved in the checkpoint metadata. The model, diffusion,
+     data and mesh sections come from the checkpoint; only `eval.*` may be set
+     (`overrides`, e.g. {"eval.final_num_times": 16}). The eval section starts
+     from the defaults of configs/base.py, not from the run's in-training
+     quick-look settings, so every checkpoint is evaluated under one pinned
+     protocol: K = eval.final_num_times (8) lattice times per sequence and the
+     whole split (eval.max_batches = 0); only the run's eval.batch_size (known to
+     fit in memory) is kept;
+  3. rebuilds the model on its own mesh and restores only the EMA parameters;
+  4. loads the dataset with the checkpoint's tokenizer (sha256-verified);
+  5. computes the bound per sequence (own t = 0 pass, K lattice times, prior,
+     self-conditioning on every pass), its mean, standard error and 95% interval,
+     and the throughput of the computation against one forward pass;
+  6. writes <output_dir>/<dataset>_<split>_step<N>.json (with the protocol),
+     TensorBoard scalars and a one-line summary; optionally curves and geometry.
+`watch(...)` evaluates each new checkpoint once.
+"""
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import replaid_jax
+from configs import base as base_config
+from replaid_jax import checkpoint as ckpt_lib
+from replaid_jax import config_lib
+from replaid_jax import errors
+from replaid_jax import flops as flops_lib
+from replaid_jax import metrics as metrics_lib
+from replaid_jax import sharding as sharding_lib
+from replaid_jax.eval import bound as bound_lib
+from replaid_jax.eval import curves as curves_lib
+from replaid_jax.eval import datasets
+from replaid_jax.eval import geometry as geometry_lib
+from replaid_jax.models import model as model_lib
+from replaid_jax.models import params as params_lib
+from replaid_jax.train import loop
+
+ANALYSES = ("bound", "curves", "geometry")
+REQUIRED_ITEMS = ("ema_params", "metadata")
+_EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for every checkpoint of a run
+
+
+# ---- config.
+
+
+def _merge_onto_base(saved: dict) -> tuple[dict, list[str]]:
+  """The saved config on top of configs/base.py; returns (merged dict, keys filled from the defaults)."""
+  merged = base_config.get_base_config().to_dict()
+  unknown, filled = [], []
+  for section, values in saved.items():
+    if section not in merged:
+      unknown.append(section)
+    elif isinstance(merged[section], dict):
+      if not isinstance(values, dict):
+        unknown.append(section)
+        continue
+      unknown += [f"{section}.{k}" for k in values if k not in merged[section]]
+      merged[section].update({k: v for k, v in values.items() if k in merged[section]})
+    else:
+      merged[section] = values
+  if unknown:
+    raise errors.CheckpointError(
+        f"the checkpoint's saved config has keys this code does not know ({', '.join(sorted(unknown))}); "
+        "evaluate it with the code version that wrote it.")
+  for section in ("model", "diffusion", "data", "mesh"):  # the sections an evaluation depends on
+    values = merged[section]
+    if isinstance(values, dict):
+      filled += [f"{section}.{k}" for k in values if k not in saved.get(section, {})]
+  return merged, filled
+
+
+def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
+  """The eval section of an evaluation: base defaults, the run's batch size, then the overrides."""
+  ev = ml_collections.ConfigDict(base_config.get_base_config().eval.to_dict())
+  if isinstance(saved_eval, dict) and "batch_size" in saved_eval:
+    ev.batch_size = int(saved_eval["batch_size"])
+  for key, value in overrides.items():
+    if not key.startswith("eval."):
+      raise errors.ConfigError(
+          f"--config.{key} cannot be set when evaluating: only eval.* keys can; the model, diffusion, data and mesh "
+          "sections come from the checkpoint's saved config.")
+    name = key[len("eval."):]
+    if name not in ev:
+      raise errors.ConfigError(f"unknown config key '{key}'; the eval keys are {', '.join(sorted(ev.keys()))} "
+                               "(each explained in configs/base.py).")
+    try:
+      ev[name] = value
+    except (TypeError, ValueError) as e:
+      raise errors.ConfigError(f"--config.{key}={value!r}: {e}") from None
+  return ev.to_dict()
+
+
+def checkpoint_config(meta: dict, overrides: dict[str, Any] | None = None) -> config_lib.Config:
+  """The Config a checkpoint was trained with (model.vocab_size resolved), with the eval section of `eval_section`."""
+  saved = meta.get("config")
+  if not isinstance(saved, dict):
+    raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
+  merged, filled = _merge_onto_base(saved)
+  if filled:
+    logging.warning("the saved config lacks %s; using the defaults of configs/base.py", ", ".join(filled))
+  merged["eval"] = eval_section(saved.get("eval", {}), overrides or {})
+  c = config_lib.from_config_dict(ml_collections.ConfigDict(merged))
+  vocab = meta.get("vocab_size")
+  if not isinstance(vocab, int):
+    raise errors.CheckpointError("the checkpoint metadata records no vocab_size; it was not written by "
+                                 "launch/train.py.")
+  if c.model.vocab_size is not None and c.model.vocab_size != vocab:
+    raise errors.CheckpointError(f"the saved config has model.vocab_size={c.model.vocab_size} but the checkpoint "
+                                 f"metadata records vocab_size={vocab}; the metadata is inconsistent.")
+  c = dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=vocab))
+  for key, value in (("eval.final_num_times", c.eval.final_num_times), ("eval.curve_points", c.eval.curve_points),
+                     ("eval.curve_max_sequences", c.eval.curve_max_sequences)):
+    if value < (2 if key == "eval.curve_points" else 1):
+      raise errors.ConfigError(f"{key}={value} is too small; pass a positive value (at least 2 grid points).")
+  if c.eval.max_batches < 0:
+    raise errors.ConfigError(f"eval.max_batches={c.eval.max_batches} must be 0 (whole split) or positive.")
+  return c
+
+
+# ---- checkpoint.
+
+
+def _step_dir(ckpt: ckpt_lib.Checkpointer, step: int) -> str:
+  return os.path.join(ckpt.directory, str(step))
+
+
+def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpointer, int, dict]:
+  """(read-only Checkpointer, step, metadata) for `step` (default: the latest); fails loudly on anything missing."""
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise errors.CheckpointError(f"no complete checkpoint in {ckpt.directory}; wait for the run to save one, or point "
+                                 "--workdir at a run that has.")
+  if step is None:
+    step = max(steps)
+  if step not in steps:
+    raise errors.CheckpointError(f"no complete checkpoint for step {step} in {ckpt.directory}; available steps: "
+                                 f"{sorted(steps)}.")
+  missing = [item for item in REQUIRED_ITEMS
+             if not os.path.isdir(os.path.join(_step_dir(ckpt, step), item))
+             or not os.listdir(os.path.join(_step_dir(ckpt, step), item))]
+  if missing:
+    raise errors.CheckpointError(
+        f"checkpoint step {step} in {ckpt.directory} is incomplete: item(s) {', '.join(missing)} missing or empty. "
+        f"Evaluate another step (available: {sorted(steps)}) or restore the files.")
+  try:
+    meta = ckpt.metadata(step)
+  except errors.ReplaidError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} cannot be read "
+                                 f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged.") from None
+  if not isinstance(meta, dict):
+    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} is not a JSON object.")
+  return ckpt, step, meta
+
+
+@dataclasses.dataclass
+class Model:
+  """The model of a config, on its mesh: what restoring and evaluating need."""
+
+  config: config_lib.Config
+  mesh: Any
+  abstract_params: Any  # ShapeDtypeStructs with shardings
+  params_sharding: Any
+  batch_sharding: Any
+
+
+def build_model(c: config_lib.Config, devices=None) -> Model:
+  """Mesh (the saved one, else data-parallel over the devices present), parameter and batch shardings."""
+  try:
+    mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, devices)
+  except errors.ConfigError as e:
+    shape = (-1,) + (1,) * (len(c.mesh.axes) - 1)
+    logging.warning("the saved mesh does not fit the devices here (%s); using mesh.shape=%s", e, shape)
+    mesh = sharding_lib.make_mesh(c.mesh.axes, shape, devices)
+  rules = c.mesh.rules
+  split = sharding_lib.batch_divisor(mesh, rules)
+  if c.eval.batch_size % split:
+    raise errors.ConfigError(
+        f"eval.batch_size={c.eval.batch_size} is not a multiple of the {split} devices the batch is split over; "
+        f"pass --config.eval.batch_size={max(split, c.eval.batch_size // split * split)}.")
+  bias = np.zeros((c.model.vocab_size,), np.float32) if c.model.output_bias_init == "unigram" else None
+  abstract = jax.eval_shape(
+      lambda k: model_lib.init(k, c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
+                               output_bias=None if bias is None else jnp.asarray(bias))[0], jax.random.key(0))
+  params_sh = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, bias), rules, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
+  return Model(c, mesh, abstract, params_sh, sharding_lib.batch_sharding(mesh, rules))
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def restore_params(ckpt: ckpt_lib.Checkpointer, step: int, model: Model) -> dict:
+  """The EMA parameters of `step`, placed with the model's shardings; shapes checked against the config."""
+  saved_shapes = _saved_shapes(ckpt, step)
+  if saved_shapes is not None:
+    expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
+    _check_shapes(saved_shapes, expected, ckpt, step, model.config)
+  try:
+    params = ckpt.restore_ema_params(step, model.abstract_params)
+  except errors.ReplaidError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(
+        f"the EMA parameters of checkpoint step {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:400]}); the checkpoint is incomplete or damaged: evaluate another step "
+        f"(available: {ckpt.all_steps()}).") from None
+  got = {_path(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+  expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
+  _check_shapes(got, expected, ckpt, step, model.config)
+  return params
+
+
+def _saved_shapes(ckpt: ckpt_lib.Checkpointer, step: int) -> dict[str, tuple] | None:
+  """Shapes recorded in the ema_params item's metadata, by parameter path; None when orbax cannot say."""
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    with ocp.StandardCheckpointer() as reader:
+      meta = reader.metadata(os.path.join(_step_dir(ckpt, step), "ema_params"))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path(p): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _check_shapes(got: dict, expected: dict, ckpt, step: int, c: config_lib.Config) -> None:
+  bad = [f"{k}: saved {got.get(k)} vs config {v}" for k, v in expected.items() if got.get(k) != v]
+  extra = sorted(set(got) - set(expected))
+  if bad or extra:
+    m = c.model
+    raise errors.CheckpointError(
+        f"checkpoint step {step} in {ckpt.directory} does not fit the model built from its saved config "
+        f"(model.width={m.width}, num_layers={m.num_layers}, num_heads={m.num_heads}, embed_dim={m.embed_dim}, "
+        f"vocab_size={m.vocab_size}): {'; '.join((bad + [f'{k}: not in the model' for k in extra])[:4])}. "
+        "The metadata config was edited or written by another code version; restore the original metadata.")
+
+
+# ---- the bound.
+
+
+def bound_report(bound_fn: Callable, params, tokens: np.ndarray, key: jax.Array, *, batch_size: int,
+                 max_batches: int = 0, put=None, progress=None) -> tuple[dict, dict[str, np.ndarray]]:
+  """`bound.evaluate` plus the per-sequence terms: (summary with per-term standard errors, {term: [N] array})."""
+  outputs = []
+
+  def recording(p, x, k):
+    out = bound_fn(p, x, k)
+    outputs.append(out)
+    return out
+
+  res = bound_lib.evaluate(recording, params, tokens, key, batch_size=batch_size, max_batches=max_batches,
+                           put=put, progress=progress)
+  m = res["num_sequences"]
+  per = {name: np.concatenate([np.asarray(jax.device_get(getattr(o, name)), np.float64) for o in outputs])[:m]
+         for name in ("recon", "diffusion", "prior")}
+  per["total"] = per["recon"] + per["diffusion"] + per["prior"]
+  se = lambda v: float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+  res["stderr_terms"] = {name: se(per[name]) for name in ("recon", "diffusion", "prior")}
+  res["stderr_bits"] = res["stderr"] / math.log(2)
+  res["ci95_bits"] = [x / math.log(2) for x in res["ci95"]]
+  res["perplexity_ci95"] = [math.exp(x) for x in res["ci95"]]
+  return res, per
+
+
+def _forward_fn(c: config_lib.Config, model: Model, *, selfcond: bool):
+  return curves_lib.make_terms_fn(model_cfg=c.model, cfg=c.diffusion, params_sharding=model.params_sharding,
+                                  batch_sharding=model.batch_sharding, selfcond=selfcond)
+
+
+def _seconds_per_call(fn, *args, reps: int = 3) -> float:
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready(fn(*args))
+  return (time.perf_counter() - t0) / reps
+
+
+class _ProgressLog:
+  """Logs units done, tokens/s and the ETA at most every `every` seconds (and at the first and last unit)."""
+
+  def __init__(self, label: str, tokens_per_unit: int, unit: str = "batches", every: float = 10.0):
+    self.label, self.tokens_per_unit, self.unit, self.every = label, tokens_per_unit, unit, every
+    self.start = self.last = time.time()
+
+  def __call__(self, done: int, total: int) -> None:
+    now = time.time()
+    if done < total and now - self.last < self.every and done != 1:
+      return
+    self.last = now
+    elapsed = max(now - self.start, 1e-9)
+    rate = f", {done * self.tokens_per_unit / elapsed:.0f} tokens/s" if self.tokens_per_unit else ""
+    logging.info("%s: %d/%d %s (%.0f%%)%s, ETA %s", self.label, done, total, self.unit, 100.0 * done / total, rate,
+                 metrics_lib.format_eta((total - done) * elapsed / done))
+
+
+# ---- one checkpoint.
+
+
+class Session:
+  """Caches what several evaluations of one run share (`watch`): models, datasets, compiled functions."""
+
+  def __init__(self, devices=None):
+    self.devices = devices
+    self._models: dict[str, Model] = {}
+    self._sets: dict[tuple, datasets.EvalSet] = {}
+    self._fns: dict[tuple, Any] = {}
+
+  def model(self, c: config_lib.Config) -> Model:
+    key = repr(dataclasses.replace(c, eval=None))
+    if key not in self._models or self._models[key].config.eval.batch_size != c.eval.batch_size:
+      self._models[key] = build_model(c, self.devices)
+    return self._models[key]
+
+  def dataset(self, name: str, c: config_lib.Config, tok, workdir: str) -> datasets.EvalSet:
+    key = (name, c.eval.split, repr(c.data), c.eval.data_dir, tok.identity()["sha256"] if tok else None)
+    if key not in self._sets:
+      t0 = time.time()
+      self._sets[key] = datasets.load(name, split=c.eval.split, data_cfg=c.data, vocab_size=c.model.vocab_size,
+                                      tok=tok, workdir=workdir, data_dir=c.eval.data_dir)
+      logging.info("dataset %s (%s): %d sequences of %d tokens in %.1fs", name, self._sets[key].split,
+                   *self._sets[key].tokens.shape, time.time() - t0)
+    return self._sets[key]
+
+  def fn(self, key: tuple, make: Callable) -> Any:
+    if key not in self._fns:
+      self._fns[key] = make()
+    return self._fns[key]
+
+
+def output_dir_for(workdir: str, output_dir: str | None) -> str:
+  return os.path.abspath(output_dir) if output_dir else os.path.join(os.path.abspath(workdir), "eval")
+
+
+def result_path(workdir: str, step: int, dataset: str, split: str, output_dir: str | None = None,
+                max_batches: int = 0) -> str:
+  """<output_dir>/<dataset>_<split>_step<N>.json; a quick look (max_batches > 0) adds _quick<M> to the name, so it
+  never replaces a whole-split result."""
+  name, split = datasets.set_name(dataset, split)
+  quick = f"_quick{max_batches}" if max_batches else ""
+  return os.path.join(output_dir_for(workdir, output_dir), f"{name}_{split}_step{step}{quick}.json")
+
+
+def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str = "validation",
+                        overrides: dict[str, Any] | None = None, output_dir: str | None = None,
+                        analyses: tuple[str, ...] = ("bound",), timing: bool = True,
+                        session: Session | None = None) -> dict:
+  """Evaluates one checkpoint of the run in `workdir` (see the module docstring); returns the results written."""
+  unknown = sorted(set(analyses) - set(ANALYSES))
+  if unknown:
+    raise errors.ConfigError(f"unknown analyses {unknown}; choose from {ANALYSES}.")
+  session = session or Session()
+  t_start = time.time()
+  ckpt, step, meta = open_checkpoint(workdir, step)
+  try:
+    c = checkpoint_config(meta, overrides)
+    tok = datasets.checkpoint_tokenizer(meta, workdir)
+    model = session.model(c)
+    params = restore_params(ckpt, step, model)
+  finally:
+    ckpt.close()
+  out_dir = output_dir_for(workdir, output_dir)
+  evalset = session.dataset(dataset, c, tok, workdir)
+  label = f"{evalset.name}/{evalset.split} step {step}"
+  key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
+  put = functools.partial(jax.device_put, device=model.batch_sharding)
+  bounds = jax.tree.map(float, jax.device_get(params["bounds"]))
+  result = {
+      "step": step, "workdir": os.path.abspath(workdir), "checkpoint": os.path.join(ckpt.directory, str(step)),
+      "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
+      "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
+      "model": {"num_params": params_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
+                "num_layers": c.model.num_layers, "embed_dim": c.model.embed_dim},
+      "checkpoint_metadata": {k: meta.get(k) for k in ("objective", "tokenizer", "data", "replaid_jax_version",
+                                                       "jax_version", "num_params")},
+      "eval_config": dataclasses.asdict(c.eval), "replaid_jax_version": replaid_jax.__version__,
+      "jax_version": jax.__version__, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  }
+  writer = metrics_lib.MetricWriter(out_dir)
+  prefix = f"{evalset.name}_{evalset.split}/"
+  try:
+    if "bound" in analyses:
+      result.update(_bound(session, c, model, params, evalset, key, put, label, timing))
+      scalars = {k: result[k] for k in ("nats_per_token", "bits_per_token", "perplexity_bound", "stderr", "recon",
+                                        "diffusion", "prior")}
+      if "tokens_per_s" in result.get("throughput", {}):
+        scalars["tokens_per_s"] = result["throughput"]["tokens_per_s"]
+      writer.write(step, scalars, prefix=prefix, console=False)
+    if "curves" in analyses:
+      result["curves"] = _curves(session, c, model, params, evalset, key, put, label, out_dir, step)
+      writer.write(step, {"ce_linear_r2": result["curves"]["summary"]["ce_linear_fit"]["r2"],
+                          "diffusion_cv": result["curves"]["summary"]["diffusion_cv"]},
+                   prefix=prefix + "curves/", console=False)
+    if "geometry" in analyses:
+      result["geometry"] = _geometry(c, params, evalset, tok, out_dir, step)
+      writer.write(step, {"pcs_for_90pct": result["geometry"]["all_rows"]["components_for_90pct"]},
+                   prefix="geometry/", console=False)
+    result["seconds_total"] = time.time() - t_start
+    path = result_path(workdir, step, dataset, c.eval.split, output_dir, c.eval.max_batches)
+    result["path"] = writer.write_json(os.path.basename(path), result)
+  finally:
+    writer.close()
+  line = summary_line(result)
+  logging.info("%s", line)
+  if jax.process_index() == 0:
+    print(line, flush=True)
+  return result
+
+
+def _bound(session: Session, c, model: Model, params, evalset, key, put, label: str, timing: bool) -> dict:
+  k, b, seq_len = c.eval.final_num_times, c.eval.batch_size, evalset.tokens.shape[1]
+  fkey = (repr(dataclasses.replace(c, eval=None)), "bound", k, b, seq_len)
+  t0 = time.time()
+
+  def compile_bound():
+    fn = bound_lib.make_bound_fn(model_cfg=c.model, cfg=c.diffusion, num_times=k,
+                                 params_sharding=model.params_sharding, batch_sharding=model.batch_sharding)
+    batch = jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=model.batch_sharding)
+    return fn.lower(model.abstract_params, batch, key).compile()
+
+  compiled = session.fn(fkey, compile_bound)
+  compile_s = time.time() - t0
+  n = evalset.tokens.shape[0]
+  total_batches = math.ceil(n / b)
+  t0 = time.time()
+  res, _ = bound_report(compiled, params, evalset.tokens, key, batch_size=b, max_batches=c.eval.max_batches, put=put,
+                        progress=_ProgressLog(f"bound {label}", b * seq_len))
+  seconds = time.time() - t0
+  batches = min(total_batches, c.eval.max_batches) if c.eval.max_batches else total_batches
+  res["num_times"] = k
+  protocol = dict(evalset.protocol)
+  protocol.update({
+      "num_times": k, "time_lattice": "t_k = (k + u) / K, k = 0..K-1, one u ~ U(0,1) per sequence",
+      "self_conditioning": "every pass (100%): x_sc from a first pass at the same z_t",
+      "output_prior_scale": 1.0, "reconstruction": "each sequence's own t = 0 pass", "prior": "closed form at t = 1",
+      "batch_size": b, "seed": c.seed, "key": f"fold_in(key(seed), {_EVAL_SALT})",
+      "num_sequences_available": n, "num_sequences": res["num_sequences"], "num_tokens": res["num_tokens"],
+      "max_batches": c.eval.max_batches, "complete": res["num_sequences"] == n,
+  })
+  if protocol.get("words_per_token"):
+    res["word_perplexity_bound"] = math.exp(res["nats_per_token"] / protocol["words_per_token"])
+  if evalset.unigram_counts is not None:
+    res["unigram_nats_per_token"] = bound_lib.unigram_cross_entropy(evalset.unigram_counts,
+                                                                   evalset.tokens[:res["num_sequences"]])
+    res["ratio_to_unigram"] = res["nats_per_token"] / res["unigram_nats_per_token"]
+  fwd_flops = flops_lib.forward_flops_per_sequence(
+      seq_len=seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
+      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior)
+  thr = {"seconds": seconds, "compile_seconds": compile_s, "batches": batches, "seconds_per_batch": seconds / batches,
+         "tokens_per_s": res["num_tokens"] / seconds, "sequences_per_s": res["num_sequences"] / seconds,
+         "analytic_flops_per_token": 2 * (k + 1) * fwd_flops / seq_len,
+         "flops_per_s": 2 * (k + 1) * fwd_flops * res["num_sequences"] / seconds,
+         "ideal_ratio_to_selfcond_forward": k + 1, "ideal_ratio_to_forward": 2 * (k + 1)}
+  if timing:
+    batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
+    t_b = jnp.full((b,), 0.5, jnp.float32)
+    for name, sc in (("forward", False), ("selfcond_forward", True)):
+      fn = session.fn(fkey[:1] + (name, b, seq_len), functools.partial(_forward_fn, c, model, selfcond=sc))
+      thr[f"{name}_seconds_per_batch"] = _seconds_per_call(fn, params, batch, t_b, key)
+    thr["ratio_to_forward"] = thr["seconds_per_batch"] / thr["forward_seconds_per_batch"]
+    thr["ratio_to_selfcond_forward"] = thr["seconds_per_batch"] / thr["selfcond_forward_seconds_per_batch"]
+  res["throughput"] = thr
+  res["protocol"] = protocol
+  return res
+
+
+def _curves(session: Session, c, model: Model, params, evalset, key, put, label: str, out_dir: str, step: int) -> dict:
+  b, seq_len = c.eval.batch_size, evalset.tokens.shape[1]
+  tokens = evalset.tokens[:c.eval.curve_max_sequences]
+  fn = session.fn((repr(dataclasses.replace(c, eval=None)), "curves", b, seq_len),
+                  functools.partial(_forward_fn, c, model, selfcond=True))
+  t0 = time.time()
+  curves = curves_lib.compute(fn, params, tokens, jax.random.fold_in(key, 1), num_points=c.eval.curve_points,
+                              batch_size=b, put=put,
+                              progress=_ProgressLog(f"curves {label}", tokens.size, unit="grid points"))
+  summary = curves_lib.summarise(curves)
+  stem = f"curves_{evalset.name}_{evalset.split}_step{step}"
+  out = {**curves, "summary": summary, "seconds": time.time() - t0, "json": os.path.join(out_dir, stem + ".json")}
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    out["png"] = curves_lib.save_plot(curves, summary, os.path.join(out_dir, stem + ".png"),
+                                      f"information loss, {evalset.name}/{evalset.split}, step {step}")
+    with open(out["json"], "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=2)
+  logging.info("curves %s: CE(t) linear R^2 = %.4f, CV of l(t) = %.3f, integral of l(t) = %.4f", label,
+               summary["ce_linear_fit"]["r2"], summary["diffusion_cv"], summary["diffusion_integral_trapezoid"])
+  return out
+
+
+def _geometry(c, params, evalset, tok, out_dir: str, step: int) -> dict:
+  counts = np.bincount(evalset.tokens.reshape(-1), minlength=c.model.vocab_size)
+  result = geometry_lib.analyse(jax.device_get(params), counts, top_tokens=c.eval.geometry_top_tokens,
+                                tokenizer=tok)
+  result["counts_from"] = f"{evalset.name}/{evalset.split}"
+  stem = f"geometry_step{step}"
+  result["json"] = os.path.join(out_dir, stem + ".json")
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    result["png"] = geometry_lib.save_scree(result, os.path.join(out_dir, stem + ".png"),
+                                            f"embedding PCA, step {step} (d_e={result['embed_dim']})")
+    with open(result["json"], "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+  logging.info("geometry step %d: %d of %d components hold 90%% of the variance (all rows; %s frequency-weighted)",
+               step, result["all_rows"]["components_for_90pct"], result["embed_dim"],
+               result.get("frequency_weighted", {}).get("components_for_90pct", "-"))
+  return result
+
+
+def summary_line(r: dict) -> str:
+  """One human line: the bound with its error bar, the protocol in brief, throughput."""
+  head = f"step {r['step']} | {r['dataset']}/{r['split']}"
+  if "nats_per_token" not in r:
+    return head + " | " + ", ".join(k for k in ("curves", "geometry") if k in r) + f" -> {r.get('path')}"
+  p, thr = r["protocol"], r.get("throughput", {})
+  parts = [head,
+           f"{r['nats_per_token']:.4f} ± {r['stderr']:.4f} nats/token ({r['bits_per_token']:.4f} bits, "
+           f"perplexity ≤ {r['perplexity_bound']:.2f}; 95% CI [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}])",
+           f"recon {r['recon']:.4f} diffusion {r['diffusion']:.4f} prior {r['prior']:.4g}",
+           f"{r['num_sequences']} seqs x {p['seq_len']} tokens, K={r['num_times']}"
+           + ("" if p["complete"] else f" (QUICK LOOK: {r['num_sequences']} of {p['num_sequences_available']} seqs)")]
+  if "word_perplexity_bound" in r and p.get("word_level"):
+    parts.append(f"word perplexity ≤ {r['word_perplexity_bound']:.2f}")
+  if "ratio_to_unigram" in r:
+    parts.append(f"unigram {r['unigram_nats_per_token']:.4f}")
+  if thr:
+    cost = ""
+    if "ratio_to_selfcond_forward" in thr:
+      cost = (f", {thr['ratio_to_selfcond_forward']:.1f}x a self-cond forward "
+              f"(ideal {thr['ideal_ratio_to_selfcond_forward']})")
+    parts.append(f"{thr['tokens_per_s']:.0f} tokens/s{cost}")
+  return " | ".join(parts) + f" -> {r.get('path')}"
+
+
+# ---- every new checkpoint.
+
+
+def _listed_steps(workdir: str) -> list[int] | None:
+  """Complete checkpoint steps now, or None while <workdir>/checkpoints does not exist yet."""
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    return None
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
+def watch(workdir: str, *, dataset: str = "validation", overrides: dict[str, Any] | None = None,
+          poll_seconds: float = 60.0, max_iterations: int | None = None, output_dir: str | None = None,
+          analyses: tuple[str, ...] = ("bound",), timing: bool = True, sleep: Callable[[float], None] = time.sleep
+          ) -> list[dict]:
+  """Evaluates each checkpoint of `workdir` once, as it appears; polls every `poll_seconds` until Ctrl-C
+  (or `max_iterations` polls). Steps whose results file already exists are skipped."""
+  session = Session()
+  ev = eval_section({}, overrides or {})
+  split, max_batches = ev["split"], ev["max_batches"]
+  done: set[int] = set()
+  results = []
+  polls = 0
+  try:
+    while max_iterations is None or polls < max_iterations:
+      polls += 1
+      steps = _listed_steps(workdir)
+      if steps is None:
+        logging.info("waiting for checkpoints at %s", ckpt_lib.checkpoint_dir(workdir))
+      for step in steps or []:
+        if step in done:
+          continue
+        done.add(step)
+        path = result_path(workdir, step, dataset, split, output_dir, max_batches)
+        if os.path.exists(path):
+          logging.info("step %d already evaluated (%s)", step, path)
+          continue
+        try:
+          results.append(evaluate_checkpoint(workdir, step=step, dataset=dataset, overrides=overrides,
+                                             output_dir=output_dir, analyses=analyses, timing=timing,
+                                             session=session))
+        except errors.CheckpointError as e:
+          if step in (_listed_steps(workdir) or []):
+            raise
+          logging.warning("step %d was removed before it could be evaluated (%s)", step, e)
+      if max_iterations is not None and polls >= max_iterations:
+        break
+      sleep(poll_seconds)
+  except KeyboardInterrupt:
+    logging.info("watch stopped after %d evaluation(s)", len(results))
+  return results

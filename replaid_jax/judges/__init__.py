@@ -1,0 +1,1 @@
+"""Judges: autoregressive models that score generated text (generative perplexity)."""

@@ -1,0 +1,53 @@
+"""Generative perplexity: corpus-level exp(mean NLL) of samples under a judge AR model.
+
+The samples are decoded to text and retokenised with the judge's own tokenizer, so
+judges with different vocabularies score the same text. A judge is anything with a
+`name` and `score(texts) -> [(sum of token NLLs in nats, token count)]`:
+
+  gpt2:DIR   GPT-2 (small to XL) in JAX from a local Hugging Face directory (judges/gpt2.py)
+  ar:DIR     an autoregressive baseline trained with this codebase (not available yet;
+             it plugs in here by implementing `Judge.score`)
+"""
+
+import math
+import os
+from typing import Protocol
+
+from replaid_jax import errors
+
+KINDS = ("gpt2", "ar")
+
+
+class Judge(Protocol):
+  name: str
+
+  def score(self, texts: list[str]) -> list[tuple[float, int]]:
+    """(sum of token NLLs in nats, number of judge tokens) per text."""
+    ...
+
+
+def load(spec: str, *, batch_size: int = 8) -> Judge:
+  """A judge from its `sample.judge` spec: "gpt2:DIR" (or a bare DIR holding a GPT-2)."""
+  kind, sep, target = spec.partition(":")
+  if not sep or kind not in KINDS:
+    if os.path.isdir(os.path.expanduser(spec)):
+      kind, target = "gpt2", spec
+    else:
+      raise errors.ConfigError(f"sample.judge={spec!r} is neither KIND:PATH with KIND in {KINDS} nor a directory; "
+                               "use e.g. gpt2:/path/to/gpt2 (a local Hugging Face directory).")
+  if kind == "ar":
+    raise errors.ConfigError("sample.judge: 'ar' judges (autoregressive baselines trained with this codebase) are "
+                             "not available yet; use a local GPT-2 (gpt2:DIR).")
+  from replaid_jax.judges import gpt2  # pylint: disable=g-import-not-at-top
+  return gpt2.GPT2Judge(target, batch_size=batch_size)
+
+
+def generative_perplexity(judge: Judge, texts: list[str]) -> dict:
+  """{"gen_ppl", "nll_per_token", "judge_tokens", "judge"} over all texts together."""
+  scores = judge.score(list(texts))
+  total = sum(s for s, _ in scores)
+  count = sum(n for _, n in scores)
+  if count == 0:
+    raise errors.DataError("the samples decode to no judge tokens at all; generative perplexity is undefined.")
+  return {"judge": judge.name, "gen_ppl": math.exp(total / count), "nll_per_token": total / count,
+          "judge_tokens": count}

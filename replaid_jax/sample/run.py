@@ -1,0 +1,323 @@
+"""Sampling from a trained run: the one place where sampling meets checkpoints, files and devices.
+
+`sample_checkpoint(workdir, step=None, overrides={...})`:
+  1. restores the EMA parameters of the checkpoint and its saved config (keys the
+     code gained since are filled from configs/base.py; `overrides` replace keys of
+     the `sample` section only);
+  2. loads the checkpoint's tokenizer and checks it against the recorded sha256 and
+     vocabulary, then tokenises the prompts and words (sample.prefix, ...);
+  3. samples in batches sharded over the mesh's batch axes, with a progress bar;
+  4. writes <workdir>/samples/step<N>.jsonl (one row per sample: text, tokens, seed,
+     sampler settings, checkpoint step, unigram entropy, conditioning figures) and
+     step<N>.summary.json (means, generative perplexity if sample.judge is set, timing),
+     and prints the samples.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import base as base_config
+from replaid_jax import checkpoint as ckpt_lib
+from replaid_jax import config_lib
+from replaid_jax import errors
+from replaid_jax import sharding as sharding_lib
+from replaid_jax.data import tokenizer as tokenizer_lib
+from replaid_jax.diffusion import sampler
+from replaid_jax.judges import perplexity
+from replaid_jax.models import embedding
+from replaid_jax.models import model as model_lib
+from replaid_jax.sample import prompts
+from replaid_jax.sample import quality
+from replaid_jax.train import loop
+
+
+def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
+                   vocab_size: int | None = None) -> tuple[config_lib.Config, list[str]]:
+  """The saved config with keys it lacks taken from configs/base.py, and `sample` overrides applied.
+
+  Returns (config, the keys filled from the base config).
+  """
+  base = base_config.get_base_config().to_dict()
+  merged, filled = dict(saved), []
+  for key, default in base.items():
+    if key not in saved:
+      merged[key] = default
+      filled.append(key)
+    elif isinstance(default, dict) and isinstance(saved[key], dict):
+      missing = [k for k in default if k not in saved[key]]
+      merged[key] = {**{k: default[k] for k in missing}, **saved[key]}
+      filled += [f"{key}.{k}" for k in missing]
+  for key, value in (overrides or {}).items():
+    if key not in merged["sample"]:
+      raise errors.ConfigError(f"unknown key sample.{key}; the keys of the sample section are described in "
+                               "configs/base.py.")
+    merged["sample"] = {**merged["sample"], key: value}
+  if merged["model"].get("vocab_size") is None and vocab_size is not None:
+    merged["model"] = {**merged["model"], "vocab_size": vocab_size}
+  return config_lib.from_config_dict(ml_collections.ConfigDict(merged)), filled
+
+
+def resolve_tokenizer(meta: dict, workdir: str, path_override: str) -> tokenizer_lib.Tokenizer | None:
+  """The checkpoint's tokenizer: sample.tokenizer_path, the recorded path, or the same file under the workdir."""
+  ident = meta.get("tokenizer")
+  if ident is None:
+    if path_override:
+      raise errors.ConfigError("sample.tokenizer_path is set but this checkpoint was trained without a tokenizer "
+                               "(pre-tokenised data); leave it empty.")
+    return None
+  recorded = ident.get("path", "")
+  candidates = [path_override] if path_override else [
+      recorded, os.path.join(workdir, "tokenizer", os.path.basename(recorded))]
+  found = next((p for p in candidates if p and os.path.isfile(os.path.expanduser(p))), None)
+  if found is None:
+    raise errors.CheckpointError(
+        f"the checkpoint's tokenizer is not at {' nor '.join(repr(p) for p in candidates if p)}; pass its new "
+        "location with --config.sample.tokenizer_path=PATH (the file's sha256 must be "
+        f"{ident.get('sha256', '?')[:12]}…).")
+  tok = tokenizer_lib.load_tokenizer(found, what="sample.tokenizer_path")
+  got = tok.identity()
+  if got["sha256"] != ident.get("sha256") or got["vocab_size"] != meta.get("vocab_size", got["vocab_size"]):
+    raise errors.CheckpointError(
+        f"the tokenizer at '{found}' (sha256 {got['sha256'][:12]}…, {got['vocab_size']} pieces) is not the one this "
+        f"checkpoint was trained with (sha256 {ident.get('sha256', '?')[:12]}…, {meta.get('vocab_size')} pieces); "
+        "point --config.sample.tokenizer_path at the original .model file.")
+  return tok
+
+
+def _mesh(c: config_lib.Config):
+  try:
+    return sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape)
+  except errors.ConfigError as e:
+    shape = (-1,) + (1,) * (len(c.mesh.axes) - 1)
+    logging.warning("the run's mesh does not fit these devices (%s); sampling data-parallel with mesh.shape=%s",
+                    e, shape)
+    return sharding_lib.make_mesh(c.mesh.axes, shape)
+
+
+def _open(workdir: str, step: int | None) -> tuple[dict, ckpt_lib.Checkpointer, int]:
+  """(metadata, open read-only checkpointer, step) of a checkpoint (the latest by default)."""
+  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = ck.latest_step() if step is None else step
+    if step is None:
+      raise errors.CheckpointError(f"{ck.directory} holds no complete checkpoint yet; train longer or wait for the "
+                                   "first save (checkpoint.every_steps).")
+    meta = ck.metadata(step)
+    return meta, ck, step
+  except BaseException:
+    ck.close()
+    raise
+
+
+def _restore_params(ck, step: int, c: config_lib.Config, mesh):
+  init = lambda k: model_lib.init(k, c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1)[0]
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, None), c.mesh.rules, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return ck.restore_ema_params(step, abstract)
+
+
+class ProgressBar:
+  """A one-line progress bar on stderr, fed from the device by the sampler loop."""
+
+  def __init__(self, num_batches: int, enabled: bool = True, width: int = 30):
+    self.num_batches, self.enabled, self.width = num_batches, enabled, width
+    self.batch, self.start = 0, time.time()
+
+  def begin(self, batch: int) -> None:
+    self.batch, self.start = batch, time.time()
+
+  def __call__(self, done, total) -> None:
+    if not self.enabled:
+      return
+    done, total = int(done), int(total)
+    fill = self.width * done // max(total, 1)
+    rate = done / max(time.time() - self.start, 1e-9)
+    sys.stderr.write(f"\rbatch {self.batch + 1}/{self.num_batches} [{'#' * fill}{'.' * (self.width - fill)}] "
+                     f"{done}/{total} steps, {rate:.1f} steps/s")
+    if done == total:
+      sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _settings_record(s, seq_len: int) -> dict:
+  keys = ("sampler", "steps", "time_grid", "score_temp", "selfcond", "condition", "guidance_weight", "prefix",
+          "prefix_file", "suffix", "suffix_file", "gap", "constraints", "avoid")
+  return {"seq_len": seq_len, **{k: getattr(s, k) for k in keys}}
+
+
+def _time_forward(denoiser, params, batch: int, seq_len: int, embed_dim: int, gamma: float, shard) -> float:
+  """Seconds of one self-conditioned forward pass of the denoiser at this batch (mean over repeats)."""
+  fwd = jax.jit(lambda p, z, g, x: denoiser(p, z, g, g, x)[1])
+  k1, k2 = jax.random.split(jax.random.key(0))
+  z = jax.device_put(jax.random.normal(k1, (batch, seq_len, embed_dim)), shard)
+  x_sc = jax.device_put(0.1 * jax.random.normal(k2, (batch, seq_len, embed_dim)), shard)
+  g = jnp.full((batch,), gamma, jnp.float32)
+  fwd(params, z, g, x_sc).block_until_ready()
+  reps, t0 = 0, time.time()
+  while reps < 5 or (time.time() - t0 < 2.0 and reps < 200):
+    fwd(params, z, g, x_sc).block_until_ready()
+    reps += 1
+  return (time.time() - t0) / reps
+
+
+def batch_size(requested: int, num_samples: int, divisor: int) -> int:
+  """The sampling batch: a multiple of the devices it is split over, no larger than the samples need."""
+  round_up = lambda n: -(-n // divisor) * divisor
+  return min(round_up(requested), round_up(num_samples))
+
+
+def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[str, Any] | None = None,
+                      benchmark: bool = False) -> dict:
+  """Generates samples from a run's checkpoint; returns the summary (also written next to the samples)."""
+  workdir = os.path.abspath(workdir)
+  meta, ck, step = _open(workdir, step)
+  try:
+    c, filled = resolve_config(meta.get("config") or {}, overrides, meta.get("vocab_size"))
+    if filled:
+      logging.info("the saved config lacks %s; taken from configs/base.py", ", ".join(filled))
+    s = c.sample
+    seq_len = s.seq_len or c.data.seq_len
+    if seq_len > c.model.max_seq_len:
+      raise errors.ConfigError(f"sample.seq_len={seq_len} exceeds the model's max_seq_len={c.model.max_seq_len}; "
+                               "lower sample.seq_len.")
+    tok = resolve_tokenizer(meta, workdir, s.tokenizer_path)
+    layout = prompts.build(tok, s, seq_len, max_seq_len=c.model.max_seq_len)
+    mesh = _mesh(c)
+    params = _restore_params(ck, step, c, mesh)
+  finally:
+    ck.close()
+  logging.info("restored the EMA parameters of step %d from %s", step, workdir)
+
+  divisor = sharding_lib.batch_divisor(mesh, c.mesh.rules)
+  batch = batch_size(s.batch_size, s.num_samples, divisor)
+  if batch != s.batch_size:
+    logging.info("sampling in batches of %d (sample.batch_size=%d; a multiple of the %d devices the batch is split "
+                 "over, and no larger than sample.num_samples needs)", batch, s.batch_size, divisor)
+  shard = lambda ndim: sharding_lib.batch_sharding(mesh, c.mesh.rules, ndim)
+  put = lambda x: jax.device_put(x, shard(x.ndim))
+  cond = jax.tree.map(put, layout.batch(batch))
+  denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
+  table = jax.jit(embedding.normalized)(params["embedding"])
+  host_sched = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
+  t, gammas = sampler.schedule_grid(host_sched, s.steps, c.diffusion.schedule, s.time_grid)
+  num_batches = math.ceil(s.num_samples / batch)
+  bar = ProgressBar(num_batches, enabled=s.progress and jax.process_index() == 0)
+  key = jax.random.key(s.seed)
+
+  def run_batch(b: int) -> dict:
+    ids = np.arange(b * batch, (b + 1) * batch, dtype=np.int32)
+    out = sampler.generate(denoiser, params, key, sample_ids=put(ids), seq_len=seq_len, t=t, gammas=gammas,
+                           table=table, method=s.sampler, score_temp=s.score_temp, selfcond=s.selfcond, cond=cond,
+                           batch_sharding=shard(3), progress=bar)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
+
+  t0 = time.time()
+  outs = []
+  batch_seconds = []
+  for b in range(num_batches):
+    bar.begin(b)
+    tb = time.time()
+    outs.append(run_batch(b))
+    batch_seconds.append(time.time() - tb)
+  seconds = time.time() - t0
+  out = {k: np.concatenate([o[k] for o in outs])[:s.num_samples] for k in outs[0]}
+  timing = {"seconds": seconds, "batch_seconds": batch_seconds, "batch_size": batch}
+  if benchmark:
+    bar.enabled = False
+    tb = time.time()
+    jax.block_until_ready(run_batch(0))
+    sample_s = time.time() - tb
+    fwd_s = _time_forward(denoiser, params, batch, seq_len, c.model.embed_dim, float(gammas[len(gammas) // 2]),
+                          shard(3))
+    timing.update({"sampler_seconds_per_step": sample_s / s.steps, "forward_seconds": fwd_s,
+                   "step_over_forward": sample_s / s.steps / fwd_s, "device": jax.devices()[0].device_kind})
+    logging.info("speed at batch %d: %.3f ms per sampler step (%d steps, compiled, final decode included) vs "
+                 "%.3f ms per self-conditioned forward pass: ratio %.3f", batch, 1e3 * sample_s / s.steps, s.steps,
+                 1e3 * fwd_s, sample_s / s.steps / fwd_s)
+
+  tokens = out["tokens"]
+  texts = [tok.decode(row) if tok is not None else None for row in tokens]
+  entropy = np.asarray([quality.unigram_entropy(row) for row in tokens])
+  rows, summary = [], {
+      "checkpoint_step": step, "workdir": workdir, "num_samples": s.num_samples, "seed": s.seed,
+      "sampler": _settings_record(s, seq_len), "unigram_entropy_mean": float(entropy.mean()), "timing": timing,
+  }
+  if layout.targeted.any():
+    target = np.broadcast_to(layout.tokens, tokens.shape)
+    logp, hits = quality.target_stats(tokens, out["position_logp"], target, layout.targeted)
+    summary.update({"target_positions": int(layout.targeted.sum()), "target_logp_mean": float(logp.mean()),
+                    "target_match_rate": float(hits.mean())})
+  present = np.asarray([prompts.span_present(row, layout) for row in tokens], bool).reshape(len(tokens), -1)
+  if layout.span_names:
+    summary["spans"] = {name: {"present_rate": float(present[:, k].mean()),
+                               "logp_mean": float(out["span_logp"][:, k].mean())}
+                        for k, name in enumerate(layout.span_names)}
+  for i, row in enumerate(tokens):
+    rec = {"index": i, "seed": s.seed, "checkpoint_step": step, "text": texts[i], "tokens": row.tolist(),
+           "unigram_entropy": float(entropy[i]), "sampler": summary["sampler"]}
+    if layout.targeted.any():
+      rec.update({"target_logp": float(logp[i]), "target_match": float(hits[i])})
+    if layout.span_names:
+      rec["spans"] = {name: {"present": bool(present[i, k]), "logp": float(out["span_logp"][i, k])}
+                      for k, name in enumerate(layout.span_names)}
+    rows.append(rec)
+  if s.judge:
+    if tok is None:
+      raise errors.ConfigError("sample.judge needs text, but this checkpoint has no tokenizer to decode samples.")
+    judge = perplexity.load(s.judge, batch_size=s.judge_batch_size)
+    summary["generative_perplexity"] = perplexity.generative_perplexity(judge, texts)
+    logging.info("generative perplexity under %s: %.2f (%d judge tokens)", judge.name,
+                 summary["generative_perplexity"]["gen_ppl"], summary["generative_perplexity"]["judge_tokens"])
+
+  if jax.process_index() == 0:
+    folder = os.path.join(workdir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step{step}.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      for rec in rows:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    summary["samples_file"] = path
+    with open(os.path.join(folder, f"step{step}.summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, ensure_ascii=False)
+    _print(rows, summary, s.print_samples)
+  return summary
+
+
+def _print(rows: list[dict], summary: dict, limit: int) -> None:
+  shown = rows if limit < 0 else rows[:limit]
+  for rec in shown:
+    head = f"sample {rec['index']} (seed {rec['seed']}, unigram entropy {rec['unigram_entropy']:.2f} nats)"
+    print(f"{'=' * 8} {head} {'=' * 8}")
+    print(rec["text"] if rec["text"] is not None else " ".join(map(str, rec["tokens"])))
+  st = summary["sampler"]
+  lines = [f"{summary['num_samples']} samples from step {summary['checkpoint_step']}: {st['sampler']}, {st['steps']} "
+           f"steps ({st['time_grid']} grid), score_temp {st['score_temp']}, seq_len {st['seq_len']}, "
+           f"{summary['timing']['seconds']:.1f}s",
+           f"mean unigram entropy {summary['unigram_entropy_mean']:.3f} nats"]
+  if "target_logp_mean" in summary:
+    how = st["condition"] + (f", w={st['guidance_weight']}" if st["condition"] != "clamp" else "")
+    lines.append(f"conditioning ({how}): mean log p of the "
+                 f"{summary['target_positions']} target tokens {summary['target_logp_mean']:.3f}, "
+                 f"match rate {summary['target_match_rate']:.3f}")
+  for name, v in summary.get("spans", {}).items():
+    lines.append(f"{name}: present in {100 * v['present_rate']:.0f}% of samples, mean log p {v['logp_mean']:.3f}")
+  if "generative_perplexity" in summary:
+    g = summary["generative_perplexity"]
+    lines.append(f"generative perplexity {g['gen_ppl']:.2f} under {g['judge']} ({g['judge_tokens']} tokens)")
+  lines.append(f"wrote {summary['samples_file']}")
+  print("\n".join(lines))
+  sys.stdout.flush()
+
