@@ -411,7 +411,7 @@ def test_end_to_end_through_the_eval_binary(run_copy):
   assert res["perplexity_bound"] == pytest.approx(math.exp(res["nats_per_token"]))
   assert res["recon"] + res["diffusion"] + res["prior"] == pytest.approx(res["nats_per_token"])
   thr = res["throughput"]
-  assert thr["tokens_per_s"] > 0 and thr["ideal_ratio_to_selfcond_forward"] == 9 and thr["ratio_to_forward"] > 1
+  assert thr["tokens_per_s"] > 0 and thr["ideal_ratio_to_selfcond_forward"] == 9
   assert res["curves"]["summary"]["ce_linear_fit"]["r2"] <= 1.0 and len(res["curves"]["t"]) == 5
   assert (out / "curves_validation_validation_step4.png").stat().st_size > 1000
   geo = json.loads((out / "geometry_step4.json").read_text())
