@@ -5,7 +5,7 @@ import setuptools
 _CORE = [
     "jax>=0.6.0",
     "flax>=0.10.0",
-    "optax>=0.2.4",
+    "optax>=0.2.5",
     "orbax-checkpoint>=0.11.0",
     "grain>=0.2.10",
     "sentencepiece>=0.2.0",

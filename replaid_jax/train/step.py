@@ -150,6 +150,6 @@ def train_step(
       "gamma_1": params["bounds"]["gamma_1"],
       "recon_share": weights.n_recon / batch,
       "prior_scale": pscale,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree_utils.tree_norm(grads),
   }
   return new_state, metrics
