@@ -104,16 +104,15 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
       model_lib.init, cfg=c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
       output_bias=None if bias is None else jnp.asarray(bias),
   )
-  abstract_params = jax.eval_shape(lambda k: init_params(k)[0], jax.random.key(c.seed))
-  axes = init_params_axes(c, bias)
-  params_sh = sharding_lib.param_shardings(abstract_params, axes, rules, mesh)
-  repl = sharding_lib.replicated(mesh)
 
   def make_state(key):
     params, _ = init_params(key)
     return step_lib.init_state(params, tx)
 
   abstract_state = jax.eval_shape(make_state, jax.random.key(c.seed))
+  axes = init_params_axes(c, bias)
+  params_sh = sharding_lib.param_shardings(abstract_state.params, axes, rules, mesh)
+  repl = sharding_lib.replicated(mesh)
   opt_sh = _opt_state_shardings(abstract_state.opt_state, params_sh, repl)
   state_sh = step_lib.TrainState(
       step=repl, params=params_sh, ema_params=params_sh, opt_state=opt_sh,
