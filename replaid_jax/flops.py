@@ -8,12 +8,35 @@ import numpy as np
 
 
 def forward_flops_per_sequence(*, seq_len: int, width: int, num_layers: int, vocab_size: int, embed_dim: int,
-                               mlp_ratio: int = 4, output_prior: bool = True) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one denoiser forward pass over one sequence."""
+                               mlp_ratio: int = 4, output_prior: bool = True, token_input: bool = False) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one denoiser forward pass over one sequence.
+
+  Blocks: QKV, attention scores and values (full L x L, also when causal, as
+  the kernel computes them), attention output and the MLP. Input/output: the
+  d_e -> D input and self-conditioning projections, the D -> V head, and for
+  RePlaid the output prior z.E^T and x_hat = p.E (`token_input` models look
+  their input up in a table, which costs no FLOPs, and have neither).
+  """
   L, D, V, E = seq_len, width, vocab_size, embed_dim
   per_block = 2 * L * D * 3 * D + 2 * 2 * L * L * D + 2 * L * D * D + 2 * 2 * L * D * mlp_ratio * D
-  io = 2 * 2 * L * E * D + 2 * L * D * V + 2 * L * V * E * (2 if output_prior else 1)
+  if token_input:
+    io = 2 * L * D * V
+  else:
+    io = 2 * 2 * L * E * D + 2 * L * D * V + 2 * L * V * E * (2 if output_prior else 1)
   return float(num_layers * per_block + io)
+
+
+def config_forward_flops(c) -> float:
+  """`forward_flops_per_sequence` for a converted `config_lib.Config` (model.vocab_size must be set)."""
+  return forward_flops_per_sequence(
+      seq_len=c.data.seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
+      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior,
+      token_input=c.objective != "replaid")
+
+
+def steps_for_budget(budget_flops: float, fwd_per_seq: float, batch: int) -> int:
+  """Optimizer steps that spend `budget_flops` at 3 F_fwd B per step (the scaling protocol), at least 1."""
+  return max(int(budget_flops // (3.0 * fwd_per_seq * batch)), 1)
 
 
 def train_flops_per_step(fwd_per_seq: float, *, batch: int, selfcond_fraction: float) -> tuple[float, float]:
