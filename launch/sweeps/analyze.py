@@ -1,0 +1,81 @@
+"""Fits the scaling laws of a finished (or partly finished) isoFLOP sweep.
+
+  python launch/sweeps/analyze.py --sweep=runs/isoflop [--reference=ar] [--out=runs/isoflop/analysis]
+
+Reads DIR/sweep.json and each run's workdir/eval/final.json (nats_per_token,
+stderr); runs without one are listed as missing. Writes analysis.json (the
+isoFLOP optima, the laws L*(C) and N*(C) per method, the compute gap and
+parameter ratio of every method against the reference), tables.md,
+isoflop.png and laws.png to --out, and prints the tables.
+"""
+
+import json
+import os
+import sys
+from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+from replaid_jax import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def collect(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
+  """The finished runs of a sweep in `scaling.analyze`'s format, and the names of the missing ones."""
+  with open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8") as f:
+    sweep = json.load(f)
+  runs, missing = [], []
+  for r in sweep:
+    path = os.path.join(r["workdir"], "eval", "final.json")
+    if not os.path.exists(path):
+      missing.append(r["name"])
+      continue
+    with open(path, encoding="utf-8") as f:
+      final = json.load(f)
+    runs.append({"name": r["name"], "method": r["method"], "size": r["size"],
+                 "num_params": int(r["non_embedding_params"]), "budget": float(r["budget"]),
+                 "loss": float(final["nats_per_token"]), "stderr": float(final.get("stderr", float("nan")))})
+  return runs, missing
+
+
+def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = None) -> dict[str, Any]:
+  """Fits the laws of a sweep and writes analysis.json, tables.md and the plots to out_dir."""
+  out_dir = out_dir or os.path.join(sweep_dir, "analysis")
+  runs, missing = collect(sweep_dir)
+  result = scaling.analyze(runs, reference=reference)
+  result["missing_runs"] = missing
+  if missing:
+    result["notes"].append(f"{len(missing)} run(s) without eval/final.json left out: {', '.join(missing)}")
+  os.makedirs(out_dir, exist_ok=True)
+  result["plots"] = scaling.plot(result, runs, out_dir)
+  with open(os.path.join(out_dir, "analysis.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, "tables.md"), "w", encoding="utf-8") as f:
+    f.write(scaling.markdown_tables(result))
+  return result
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("sweep", None, "Sweep directory holding sweep.json.")
+  flags.DEFINE_string("reference", "ar", "Method the others are compared with.")
+  flags.DEFINE_string("out", None, "Output directory (default: SWEEP/analysis).")
+  flags.mark_flags_as_required(["sweep"])
+  return flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  out_dir = FLAGS.out or os.path.join(FLAGS.sweep, "analysis")
+  result = analyze_sweep(FLAGS.sweep, FLAGS.reference, out_dir)
+  print(scaling.markdown_tables(result))
+  print(f"wrote {', '.join(['analysis.json', 'tables.md'] + [os.path.basename(p) for p in result['plots']])} "
+        f"to {out_dir}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  app.run(main)
