@@ -11,7 +11,7 @@ from ml_collections import config_dict
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.objective = "replaid"  # training objective; "replaid" (continuous VDM on embeddings)
+  c.objective = "replaid"  # "replaid" (continuous VDM on embeddings), "ar" (causal DiT, exact NLL) or "mdlm" (masked diffusion)
   c.seed = 0  # seeds parameter init, time sampling, noise and data order
 
   # ---- model: the denoiser (DiT backbone) and its RePlaid input/output layers.
@@ -32,6 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.output_bias_init = "zeros"  # output bias init: "zeros" or "unigram" (log unigram of training tokens)
   m.schedule_hidden = 1024  # hidden units of the monotone noise-schedule MLP
   m.remat = False  # rematerialise each block in the backward pass
+  m.block = "dit"  # "dit" (adaLN-Zero, LayerNorm, MLP biases) or "plaid" (the original Plaid block, ablation)
 
   # ---- diffusion: the ELBO, its estimator and the schedule.
   d = c.diffusion = ml_collections.ConfigDict()
@@ -45,6 +46,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.recon_split = "adaptive"  # reconstruction rows per batch: "adaptive" (Neyman) or "fixed"
   d.recon_fraction = 0.125  # reconstruction share when fixed, and the adaptive split's starting point
   d.loss_stats_decay = 0.997  # EMA decay of the per-term loss statistics driving the adaptive split
+  d.learn_embeddings = True  # train the embedding matrix (False: frozen at its random init, ablation)
+  d.aux_ce_weight = 0.0  # weight of an auxiliary token CE on the diffusion rows (ablation; 0 = pure ELBO)
+  d.mdlm_train_loss = "low_var"  # objective=mdlm: "low_var" (unweighted masked CE) or "elbo"; eval is the ELBO
 
   # ---- data.
   da = c.data = ml_collections.ConfigDict()

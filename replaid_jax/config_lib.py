@@ -18,7 +18,7 @@ from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
 from replaid_jax.sample import settings as sample_settings
 
-OBJECTIVES = ("replaid",)
+OBJECTIVES = ("replaid", "ar", "mdlm")  # replaid_jax.objectives.REGISTRY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +142,10 @@ def validate(c: Config) -> None:
   _choice("model.cond_input", m.cond_input, model_lib.COND_INPUTS)
   _choice("model.output_bias_init", m.output_bias_init, model_lib.OUTPUT_BIAS_INITS)
   _choice("model.compute_dtype", m.compute_dtype, model_lib.COMPUTE_DTYPES)
+  _choice("model.block", m.block, model_lib.BLOCKS)
+  _choice("diffusion.mdlm_train_loss", d.mdlm_train_loss, ("low_var", "elbo"))
+  if d.aux_ce_weight < 0:
+    raise errors.ConfigError(f"diffusion.aux_ce_weight must be >= 0, got {d.aux_ce_weight}.")
   _choice("diffusion.schedule", d.schedule, noise_schedule.SCHEDULES)
   _choice("diffusion.recon_split", d.recon_split, elbo.RECON_SPLITS)
   _choice("optim.decay", c.optim.decay, ("cosine", "linear", "constant"))
@@ -170,7 +174,7 @@ def validate(c: Config) -> None:
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}."
     )
   micro = t.batch_size // t.grad_accum_steps
-  if period and micro % period:
+  if c.objective == "replaid" and period and micro % period:
     raise errors.ConfigError(
         f"the micro-batch ({micro} = train.batch_size / train.grad_accum_steps) must be a multiple of "
         f"1/diffusion.selfcond_fraction = {period}."

@@ -58,6 +58,19 @@ def compiled_flops(compiled) -> float | None:
   return float(cost["flops"])
 
 
+def xla_forward_flops(objective, params, seq_len: int) -> float | None:
+  """XLA's FLOP count of one forward pass over one sequence, compiled with the blocks unrolled.
+
+  (A `lax.scan` body is counted once by XLA's cost analysis, so the training
+  step's own count misses all blocks but one.) Unlike the analytic count it
+  includes elementwise work: norms, softmaxes, activations, RoPE.
+  """
+  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  compiled = jax.jit(lambda p, x: objective.forward(p, x, unroll=True)).lower(abstract, tokens).compile()
+  return compiled_flops(compiled)
+
+
 def measure_matmul_flops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
   """Median FLOP/s of an n x n matmul on the default device."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)

@@ -29,6 +29,8 @@ from replaid_jax.eval import datasets
 from replaid_jax.eval import geometry as geometry_lib
 from replaid_jax.eval import run
 from replaid_jax.models import embedding
+from replaid_jax.objectives import base
+from replaid_jax.objectives import replaid
 from replaid_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +93,7 @@ def markov_run():
 
 @functools.lru_cache(maxsize=None)
 def _bound_fn(k, model_cfg, cfg):
-  return bound_lib.make_bound_fn(model_cfg=model_cfg, cfg=cfg, num_times=k)
+  return bound_lib.make_bound_fn(replaid.RePlaid(base.Sections(model_cfg, cfg)), num_times=k)
 
 
 def _bound(params, tokens, *, k, model_cfg, cfg, seed=7, batch_size=64):

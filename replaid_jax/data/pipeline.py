@@ -8,11 +8,12 @@ from absl import flags
 import grain
 import numpy as np
 
+from replaid_jax.data import arrayrecord
 from replaid_jax.data import sources
 from replaid_jax.data.tokenizer import Tokenizer, load_tokenizer, train_or_load_tokenizer
 from replaid_jax.errors import ConfigError, DataError
 
-SOURCES = ("shakespeare", "text", "npy")
+SOURCES = ("shakespeare", "text", "npy", "arrayrecord")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,9 @@ def load_corpus(cfg: DataConfig, *, workdir: str) -> Corpus:
         " 2 tokens. Set data.seq_len >= 2 (e.g. 128).")
   if cfg.source == "npy":
     tokenizer, vocab_size, packed, n_docs, origins = _load_npy(cfg)
+  elif cfg.source == "arrayrecord":
+    # Shards written by launch/prepare_data.py, loaded whole (small splits).
+    tokenizer, vocab_size, packed, n_docs, origins = arrayrecord.load_splits(cfg)
   else:
     tokenizer, vocab_size, packed, n_docs, origins = _load_text(cfg, workdir)
 

@@ -93,8 +93,15 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str, *, what: str = "data.tokenizer_path") -> Tokenizer:
-  """Loads a SentencePiece `.model` file; `what` names the config key in errors."""
+  """Loads a SentencePiece `.model` file; `what` names the config key in errors.
+
+  A path ending in `.json` is read as a Hugging Face `tokenizer.json` and
+  returns a `bpe.BPETokenizer`, which has the same interface.
+  """
   path = os.path.expanduser(path)
+  if path.lower().endswith(".json"):
+    from replaid_jax.data import bpe  # pylint: disable=g-import-not-at-top
+    return bpe.load_bpe_tokenizer(path, what=what)  # type: ignore[return-value]
   if not os.path.isfile(path):
     raise DataError(
         f"{what}: no file at '{path}'. Point {what} at a SentencePiece .model"

@@ -22,6 +22,7 @@ lower the estimator's variance). `loss_and_grads` does this with two VJPs.
 """
 
 import dataclasses
+from typing import Any
 
 import flax.struct
 import jax
@@ -51,6 +52,9 @@ class DiffusionConfig:
   recon_split: str
   recon_fraction: float
   loss_stats_decay: float
+  learn_embeddings: bool = True
+  aux_ce_weight: float = 0.0
+  mdlm_train_loss: str = "low_var"
 
 
 @flax.struct.dataclass
@@ -61,6 +65,7 @@ class Terms:
   diffusion: jax.Array  # [B]
   prior: jax.Array  # [B]
   is_recon: jax.Array  # [B] bool
+  aux_ce: Any = None  # [B] token CE of the denoiser on diffusion rows (training only, when aux_ce_weight > 0)
 
 
 @flax.struct.dataclass
@@ -156,12 +161,20 @@ def per_example_terms(
   # (3) diffusion: -1/2 SNR'(t) ||e - x_hat||^2, continuous time.
   sq_err = jnp.mean(jnp.sum(jnp.square(e - x_hat), axis=-1), axis=-1)
   diffusion = jnp.where(plan.is_recon, 0.0, 0.5 * jnp.exp(-g) * gp * sq_err)
-  return Terms(recon=recon, diffusion=diffusion, prior=prior, is_recon=plan.is_recon)
+  aux = jnp.where(plan.is_recon, 0.0, ce) if cfg.aux_ce_weight > 0 else None
+  return Terms(recon=recon, diffusion=diffusion, prior=prior, is_recon=plan.is_recon, aux_ce=aux)
 
 
-def weighted_loss(terms: Terms, w: Weights) -> jax.Array:
-  """The step's NELBO estimate in nats/token (unbiased for the batch's mean bound)."""
-  return jnp.sum(terms.recon) / w.n_recon + jnp.sum(terms.diffusion) / w.n_diff + jnp.sum(terms.prior) / w.n_rows
+def weighted_loss(terms: Terms, w: Weights, aux_ce_weight: float = 0.0) -> jax.Array:
+  """The step's NELBO estimate in nats/token (unbiased for the batch's mean bound).
+
+  With `aux_ce_weight` > 0 (an ablation) the diffusion rows' token cross-entropy
+  is added with that weight; the result is then a training loss, not a bound.
+  """
+  nelbo = jnp.sum(terms.recon) / w.n_recon + jnp.sum(terms.diffusion) / w.n_diff + jnp.sum(terms.prior) / w.n_rows
+  if aux_ce_weight > 0 and terms.aux_ce is not None:
+    nelbo = nelbo + aux_ce_weight * jnp.sum(terms.aux_ce) / w.n_diff
+  return nelbo
 
 
 def loss_and_grads(
@@ -182,6 +195,9 @@ def loss_and_grads(
   3. the per-row cotangents on gamma~ are multiplied by 2 l_i (l_i that row's
      diffusion loss), turning d E[l] into d E[l^2] for phi alone, and pulled
      back through step 1.
+
+  With the auxiliary CE ablation on, the cotangents of step 3 include the CE
+  term's dependence on gamma~, scaled the same way.
   """
   sched = params["schedule"]
   rest = {k: v for k, v in params.items() if k != "schedule"}
@@ -194,7 +210,7 @@ def loss_and_grads(
         {**rest, "schedule": sg(sched)}, gt, dgt, tokens_BL, plan, key,
         model_cfg=model_cfg, cfg=cfg, pscale=pscale,
     )
-    return weighted_loss(terms, weights), terms
+    return weighted_loss(terms, weights, cfg.aux_ce_weight), terms
 
   loss, f_vjp, terms = jax.vjp(objective, rest, gt, dgt, has_aux=True)
   g_rest, g_gt, g_dgt = f_vjp(jnp.ones_like(loss))

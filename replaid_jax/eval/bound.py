@@ -1,8 +1,9 @@
 """The likelihood bound over a whole split, with its standard error.
 
-Every sequence gets its own unbiased NELBO estimate (a t = 0 pass, K lattice
-times, the prior; self-conditioning on every pass), so the spread across
-sequences gives an honest standard error of the split's mean bound.
+Every sequence gets its own unbiased NELBO estimate (for RePlaid a t = 0 pass,
+K lattice times and the prior, self-conditioning on every pass; for masked
+diffusion K lattice times; for the AR model the exact NLL), so the spread
+across sequences gives an honest standard error of the split's mean bound.
 """
 
 import functools
@@ -12,13 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from replaid_jax.diffusion import elbo
 
 
-def make_bound_fn(*, model_cfg, cfg: elbo.DiffusionConfig, num_times: int, params_sharding=None,
-                  batch_sharding=None):
-  """A jitted (params, tokens [B, L], key) -> per-sequence Terms."""
-  fn = functools.partial(elbo.sequence_bound, num_times=num_times, model_cfg=model_cfg, cfg=cfg)
+def make_bound_fn(objective, *, num_times: int, params_sharding=None, batch_sharding=None):
+  """A jitted (params, tokens [B, L], key) -> per-sequence Terms of `objective` (replaid_jax.objectives)."""
+  fn = functools.partial(objective.sequence_bound, num_times=num_times)
   if params_sharding is None:
     return jax.jit(fn)
   return jax.jit(fn, in_shardings=(params_sharding, batch_sharding, None))

@@ -47,7 +47,7 @@ from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
 from replaid_jax.eval import geometry as geometry_lib
-from replaid_jax.models import model as model_lib
+from replaid_jax import objectives
 from replaid_jax.models import params as params_lib
 from replaid_jax.train import loop
 
@@ -197,9 +197,9 @@ def build_model(c: config_lib.Config, devices=None) -> Model:
         f"eval.batch_size={c.eval.batch_size} is not a multiple of the {split} devices the batch is split over; "
         f"pass --config.eval.batch_size={max(split, c.eval.batch_size // split * split)}.")
   bias = np.zeros((c.model.vocab_size,), np.float32) if c.model.output_bias_init == "unigram" else None
-  abstract = jax.eval_shape(
-      lambda k: model_lib.init(k, c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
-                               output_bias=None if bias is None else jnp.asarray(bias))[0], jax.random.key(0))
+  objective = objectives.make(c)
+  abstract = jax.eval_shape(lambda k: objective.init(k, None if bias is None else jnp.asarray(bias))[0],
+                            jax.random.key(0))
   params_sh = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, bias), rules, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
   return Model(c, mesh, abstract, params_sh, sharding_lib.batch_sharding(mesh, rules))
@@ -384,8 +384,13 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   label = f"{evalset.name}/{evalset.split} step {step}"
   key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
   put = functools.partial(jax.device_put, device=model.batch_sharding)
-  bounds = jax.tree.map(float, jax.device_get(params["bounds"]))
+  if c.objective != "replaid" and set(analyses) - {"bound"}:
+    raise errors.ConfigError(f"--curves and --geometry analyse RePlaid's embeddings and noise schedule; this checkpoint "
+                             f"was trained with objective={c.objective!r}. Evaluate its bound only.")
+  bounds = (jax.tree.map(float, jax.device_get(params["bounds"])) if "bounds" in params
+            else {"gamma_0": None, "gamma_1": None})
   result = {
+      "objective": c.objective,
       "step": step, "workdir": os.path.abspath(workdir), "checkpoint": os.path.join(ckpt.directory, str(step)),
       "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
       "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
@@ -433,7 +438,7 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
   t0 = time.time()
 
   def compile_bound():
-    fn = bound_lib.make_bound_fn(model_cfg=c.model, cfg=c.diffusion, num_times=k,
+    fn = bound_lib.make_bound_fn(objectives.make(c), num_times=k,
                                  params_sharding=model.params_sharding, batch_sharding=model.batch_sharding)
     batch = jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=model.batch_sharding)
     return fn.lower(model.abstract_params, batch, key).compile()
@@ -448,11 +453,10 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
   seconds = time.time() - t0
   batches = min(total_batches, c.eval.max_batches) if c.eval.max_batches else total_batches
   res["num_times"] = k
+  objective = objectives.make(c)
   protocol = dict(evalset.protocol)
+  protocol.update({"objective": c.objective, **objective.bound_protocol(k)})
   protocol.update({
-      "num_times": k, "time_lattice": "t_k = (k + u) / K, k = 0..K-1, one u ~ U(0,1) per sequence",
-      "self_conditioning": "every pass (100%): x_sc from a first pass at the same z_t",
-      "output_prior_scale": 1.0, "reconstruction": "each sequence's own t = 0 pass", "prior": "closed form at t = 1",
       "batch_size": b, "seed": c.seed, "key": f"fold_in(key(seed), {_EVAL_SALT})",
       "num_sequences_available": n, "num_sequences": res["num_sequences"], "num_tokens": res["num_tokens"],
       "max_batches": c.eval.max_batches, "complete": res["num_sequences"] == n,
@@ -465,13 +469,22 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
     res["ratio_to_unigram"] = res["nats_per_token"] / res["unigram_nats_per_token"]
   fwd_flops = flops_lib.forward_flops_per_sequence(
       seq_len=seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
-      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior)
+      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior,
+      token_input=objective.token_input)
+  # Forward passes per sequence: RePlaid 2 (K + 1) (self-conditioned passes), masked diffusion K, AR 1.
+  passes = {"replaid": 2 * (k + 1), "mdlm": k, "ar": 1}[c.objective]
   thr = {"seconds": seconds, "compile_seconds": compile_s, "batches": batches, "seconds_per_batch": seconds / batches,
          "tokens_per_s": res["num_tokens"] / seconds, "sequences_per_s": res["num_sequences"] / seconds,
-         "analytic_flops_per_token": 2 * (k + 1) * fwd_flops / seq_len,
-         "flops_per_s": 2 * (k + 1) * fwd_flops * res["num_sequences"] / seconds,
-         "ideal_ratio_to_selfcond_forward": k + 1, "ideal_ratio_to_forward": 2 * (k + 1)}
-  if timing:
+         "analytic_flops_per_token": passes * fwd_flops / seq_len,
+         "flops_per_s": passes * fwd_flops * res["num_sequences"] / seconds, "ideal_ratio_to_forward": passes}
+  if c.objective == "replaid":
+    thr["ideal_ratio_to_selfcond_forward"] = k + 1
+  if timing and c.objective != "replaid":
+    batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
+    fn = session.fn(fkey[:1] + ("forward", b, seq_len), lambda: jax.jit(objective.forward))
+    thr["forward_seconds_per_batch"] = _seconds_per_call(fn, params, batch)
+    thr["ratio_to_forward"] = thr["seconds_per_batch"] / thr["forward_seconds_per_batch"]
+  elif timing:
     batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
     t_b = jnp.full((b,), 0.5, jnp.float32)
     for name, sc in (("forward", False), ("selfcond_forward", True)):

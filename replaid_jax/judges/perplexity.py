@@ -5,8 +5,8 @@ judges with different vocabularies score the same text. A judge is anything with
 `name` and `score(texts) -> [(sum of token NLLs in nats, token count)]`:
 
   gpt2:DIR   GPT-2 (small to XL) in JAX from a local Hugging Face directory (judges/gpt2.py)
-  ar:DIR     an autoregressive baseline trained with this codebase (not available yet;
-             it plugs in here by implementing `Judge.score`)
+  ar:DIR     an autoregressive baseline trained with this codebase (objective "ar"; DIR@STEP
+             picks a checkpoint, the latest by default; judges/ar.py)
 """
 
 import math
@@ -34,10 +34,10 @@ def load(spec: str, *, batch_size: int = 8) -> Judge:
       kind, target = "gpt2", spec
     else:
       raise errors.ConfigError(f"sample.judge={spec!r} is neither KIND:PATH with KIND in {KINDS} nor a directory; "
-                               "use e.g. gpt2:/path/to/gpt2 (a local Hugging Face directory).")
+                               "use e.g. gpt2:/path/to/gpt2 (a local Hugging Face directory) or ar:/path/to/ar_run.")
   if kind == "ar":
-    raise errors.ConfigError("sample.judge: 'ar' judges (autoregressive baselines trained with this codebase) are "
-                             "not available yet; use a local GPT-2 (gpt2:DIR).")
+    from replaid_jax.judges import ar  # pylint: disable=g-import-not-at-top
+    return ar.ARJudge(target, batch_size=batch_size)
   from replaid_jax.judges import gpt2  # pylint: disable=g-import-not-at-top
   return gpt2.GPT2Judge(target, batch_size=batch_size)
 

@@ -6,8 +6,18 @@
   h   = DiT blocks (adaLN-Zero, RoPE, weight-only LN, GELU-tanh MLP with biases)
   out = W_out(modulate(LN(h), c)) + b_out                    (W_out zero-initialised)
 
+Token-input models (the AR and masked-diffusion baselines) replace the first
+line and W_in, W_sc by a table lookup h_0 = T[x] (`init(..., token_vocab=V')`,
+`apply_tokens`); everything after h_0 is shared.
+
+`block = "plaid"` restores the original Plaid block for ablations: RMSNorm,
+MLP without biases, residual branches scaled by 1/sqrt(num_layers) instead of
+adaLN gates, the noise level added to h_0 through a zero-initialised linear map
+of its sinusoidal embedding, and a float32 output head.
+
 The blocks' parameters are stacked on a leading "layers" axis and run with
-`lax.scan`, so compile time does not grow with depth.
+`lax.scan`, so compile time does not grow with depth (`unroll` traces them
+one by one, for FLOP counting).
 """
 
 import dataclasses
@@ -37,19 +47,24 @@ class DenoiserConfig:
   compute_dtype: str
   causal: bool
   remat: bool
+  block: str = "dit"
 
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
 
 
-def init(key: jax.Array, cfg: DenoiserConfig, output_bias: jax.Array | None = None) -> dict:
+def init(key: jax.Array, cfg: DenoiserConfig, output_bias: jax.Array | None = None,
+         token_vocab: int | None = None) -> dict:
+  """Parameters as `Param` leaves; `token_vocab` builds a token-input model with that many input ids."""
   if cfg.width % cfg.num_heads:
     raise ValueError(f"model.width={cfg.width} is not divisible by model.num_heads={cfg.num_heads}.")
-  d, c, e, n = cfg.width, cfg.cond_dim, cfg.embed_dim, cfg.num_layers
+  d, c, n = cfg.width, cfg.cond_dim, cfg.num_layers
   h, k, f, v = cfg.num_heads, cfg.head_dim, cfg.mlp_ratio * cfg.width, cfg.vocab_size
   keys = iter(jax.random.split(key, 8))
   nrm = params_lib.normal
+  if cfg.block == "plaid":
+    return _init_plaid(keys, cfg, _output_bias(cfg, output_bias), token_vocab)
   blocks = {
       "ln1": params_lib.ones((n, d), ("layers", None)),
       "adaln_w": params_lib.zeros((n, c, 6 * d), ("layers", None, None)),
@@ -62,15 +77,8 @@ def init(key: jax.Array, cfg: DenoiserConfig, output_bias: jax.Array | None = No
       "mlp_w2": nrm(next(keys), (n, f, d), f**-0.5, ("layers", "mlp", "embed")),
       "mlp_b2": params_lib.zeros((n, d), ("layers", None)),
   }
-  if output_bias is None:
-    out_b = params_lib.zeros((v,), ("vocab",))
-  else:
-    if output_bias.shape != (v,):
-      raise ValueError(f"output bias has shape {output_bias.shape}, expected ({v},).")
-    out_b = P(jnp.asarray(output_bias, jnp.float32), ("vocab",))
-  return {
-      "in_proj": nrm(next(keys), (e, d), e**-0.5, (None, "embed")),
-      "sc_proj": params_lib.zeros((e, d), (None, "embed")),
+  tree = {
+      **_input_params(keys, cfg, token_vocab),
       "cond_w1": nrm(next(keys), (2 * cfg.cond_freqs, c), (2 * cfg.cond_freqs) ** -0.5, (None, None)),
       "cond_b1": params_lib.zeros((c,), (None,)),
       "cond_w2": nrm(next(keys), (c, c), c**-0.5, (None, None)),
@@ -80,8 +88,65 @@ def init(key: jax.Array, cfg: DenoiserConfig, output_bias: jax.Array | None = No
       "final_adaln_w": params_lib.zeros((c, 2 * d), (None, None)),
       "final_adaln_b": params_lib.zeros((2 * d,), (None,)),
       "out_w": params_lib.zeros((d, v), ("embed", "vocab")),
+      "out_b": _output_bias(cfg, output_bias),
+  }
+  return tree
+
+
+def _output_bias(cfg: DenoiserConfig, output_bias: jax.Array | None) -> P:
+  if output_bias is None:
+    return params_lib.zeros((cfg.vocab_size,), ("vocab",))
+  if output_bias.shape != (cfg.vocab_size,):
+    raise ValueError(f"output bias has shape {output_bias.shape}, expected ({cfg.vocab_size},).")
+  return P(jnp.asarray(output_bias, jnp.float32), ("vocab",))
+
+
+def _input_params(keys, cfg: DenoiserConfig, token_vocab: int | None) -> dict:
+  d, e = cfg.width, cfg.embed_dim
+  if token_vocab:
+    return {"tok_embed": params_lib.normal(next(keys), (token_vocab, d), d**-0.5, ("vocab", "embed"))}
+  return {
+      "in_proj": params_lib.normal(next(keys), (e, d), e**-0.5, (None, "embed")),
+      "sc_proj": params_lib.zeros((e, d), (None, "embed")),
+  }
+
+
+def _init_plaid(keys, cfg: DenoiserConfig, out_b: P, token_vocab: int | None) -> dict:
+  d, n, h, k, f = cfg.width, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio * cfg.width
+  nrm = params_lib.normal
+  blocks = {
+      "rms1": params_lib.ones((n, d), ("layers", None)),
+      "qkv": nrm(next(keys), (n, d, 3, h, k), d**-0.5, ("layers", "embed", None, "heads", None)),
+      "attn_out": nrm(next(keys), (n, h, k, d), d**-0.5, ("layers", "heads", None, "embed")),
+      "rms2": params_lib.ones((n, d), ("layers", None)),
+      "mlp_w1": nrm(next(keys), (n, d, f), d**-0.5, ("layers", "embed", "mlp")),
+      "mlp_w2": nrm(next(keys), (n, f, d), f**-0.5, ("layers", "mlp", "embed")),
+  }
+  return {
+      **_input_params(keys, cfg, token_vocab),
+      "cond_proj": params_lib.zeros((2 * cfg.cond_freqs, d), (None, "embed")),
+      "blocks": blocks,
+      "final_ln": params_lib.ones((d,), (None,)),
+      "out_w": params_lib.zeros((d, cfg.vocab_size), ("embed", "vocab")),
       "out_b": out_b,
   }
+
+
+def _attention(p: dict, h: jax.Array, rope: tuple, cfg: DenoiserConfig) -> jax.Array:
+  dt = jnp.dtype(cfg.compute_dtype)
+  qkv = jnp.einsum("bld,dthk->tblhk", h.astype(dt), p["qkv"].astype(dt))
+  q = layers.apply_rope(qkv[0], *rope)
+  k = layers.apply_rope(qkv[1], *rope)
+  att = layers.attention(q, k, qkv[2], causal=cfg.causal)
+  return jnp.einsum("blhk,hkd->bld", att, p["attn_out"].astype(dt), preferred_element_type=jnp.float32)
+
+
+def _plaid_block(p: dict, x_BLD: jax.Array, rope: tuple, cfg: DenoiserConfig) -> jax.Array:
+  dt = jnp.dtype(cfg.compute_dtype)
+  scale = cfg.num_layers ** -0.5
+  x_BLD = x_BLD + scale * _attention(p, layers.rms_norm(x_BLD, p["rms1"]), rope, cfg)
+  h = layers.gelu_tanh(layers.dense(layers.rms_norm(x_BLD, p["rms2"]), p["mlp_w1"], dtype=dt))
+  return x_BLD + scale * layers.dense(h, p["mlp_w2"], dtype=dt)
 
 
 def _block(p: dict, x_BLD: jax.Array, c_BC: jax.Array, rope: tuple, cfg: DenoiserConfig) -> jax.Array:
@@ -90,12 +155,7 @@ def _block(p: dict, x_BLD: jax.Array, c_BC: jax.Array, rope: tuple, cfg: Denoise
   sh1, sc1, g1, sh2, sc2, g2 = jnp.split(mod, 6, axis=-1)
 
   h = layers.modulate(layers.layer_norm(x_BLD, p["ln1"]), sh1, sc1)
-  qkv = jnp.einsum("bld,dthk->tblhk", h.astype(dt), p["qkv"].astype(dt))
-  q = layers.apply_rope(qkv[0], *rope)
-  k = layers.apply_rope(qkv[1], *rope)
-  att = layers.attention(q, k, qkv[2], causal=cfg.causal)
-  att = jnp.einsum("blhk,hkd->bld", att, p["attn_out"].astype(dt), preferred_element_type=jnp.float32)
-  x_BLD = x_BLD + g1[:, None, :] * att
+  x_BLD = x_BLD + g1[:, None, :] * _attention(p, h, rope, cfg)
 
   h = layers.modulate(layers.layer_norm(x_BLD, p["ln2"]), sh2, sc2)
   h = layers.gelu_tanh(layers.dense(h, p["mlp_w1"], p["mlp_b1"], dtype=dt))
@@ -111,30 +171,46 @@ def apply(
     alpha2_B: jax.Array,
     sigma2_B: jax.Array,
     cfg: DenoiserConfig,
+    *,
+    unroll: bool = False,
 ) -> jax.Array:
-  """Network logits [B, L, V] (before the output prior)."""
-  seq_len = z_BLE.shape[1]
-  if seq_len > cfg.max_seq_len:
-    raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={cfg.max_seq_len}.")
+  """Network logits [B, L, V] (before the output prior) from a noisy embedding sequence."""
   dt = jnp.dtype(cfg.compute_dtype)
   e = cfg.embed_dim
   scale_B = jax.lax.rsqrt(alpha2_B / e + sigma2_B)
   u = z_BLE * scale_B[:, None, None]
   x = layers.dense(u, p["in_proj"], dtype=dt) + layers.dense(x_sc_BLE * math.sqrt(e), p["sc_proj"], dtype=dt)
+  return trunk(p, x, cond_B, cfg, unroll=unroll)
 
-  c = layers.sinusoidal(cond_B, cfg.cond_freqs)
-  c = jax.nn.silu(layers.dense(c, p["cond_w1"], p["cond_b1"]))
-  c = jax.nn.silu(layers.dense(c, p["cond_w2"], p["cond_b2"]))
 
+def apply_tokens(p: dict, tokens_BL: jax.Array, cond_B: jax.Array, cfg: DenoiserConfig, *,
+                 unroll: bool = False) -> jax.Array:
+  """Network logits [B, L, V] from input token ids (token-input models)."""
+  return trunk(p, jnp.take(p["tok_embed"], tokens_BL, axis=0), cond_B, cfg, unroll=unroll)
+
+
+def trunk(p: dict, x_BLD: jax.Array, cond_B: jax.Array, cfg: DenoiserConfig, *, unroll: bool = False) -> jax.Array:
+  """Blocks and output layer: from the input activations h_0 [B, L, D] to logits [B, L, V]."""
+  seq_len = x_BLD.shape[1]
+  if seq_len > cfg.max_seq_len:
+    raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={cfg.max_seq_len}.")
+  dt = jnp.dtype(cfg.compute_dtype)
   rope = layers.rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
-
-  def body(x, block_params):
-    return _block(block_params, x, c, rope, cfg), None
-
+  emb = layers.sinusoidal(cond_B, cfg.cond_freqs)
+  if cfg.block == "plaid":
+    x_BLD = x_BLD + layers.dense(emb, p["cond_proj"])[:, None, :]
+    body = lambda x, bp: (_plaid_block(bp, x, rope, cfg), None)
+  else:
+    c = jax.nn.silu(layers.dense(emb, p["cond_w1"], p["cond_b1"]))
+    c = jax.nn.silu(layers.dense(c, p["cond_w2"], p["cond_b2"]))
+    body = lambda x, bp: (_block(bp, x, c, rope, cfg), None)
   if cfg.remat:
     body = jax.checkpoint(body)
-  x, _ = jax.lax.scan(body, x, p["blocks"])
+  x, _ = jax.lax.scan(body, x_BLD, p["blocks"], unroll=cfg.num_layers if unroll else 1)
 
+  if cfg.block == "plaid":
+    h = layers.layer_norm(x, p["final_ln"])
+    return layers.dense(h, p["out_w"], p["out_b"], dtype=jnp.float32)
   shift, scale = jnp.split(layers.dense(c, p["final_adaln_w"], p["final_adaln_b"]), 2, axis=-1)
   h = layers.modulate(layers.layer_norm(x, p["final_ln"]), shift, scale)
   return layers.dense(h, p["out_w"], p["out_b"], dtype=dt)

@@ -17,6 +17,12 @@ def layer_norm(x_BLD: jax.Array, scale_D: jax.Array) -> jax.Array:
   return (x - mean) * jax.lax.rsqrt(var + _LN_EPS) * scale_D
 
 
+def rms_norm(x_BLD: jax.Array, scale_D: jax.Array) -> jax.Array:
+  """RMSNorm (weight only), computed in float32."""
+  x = x_BLD.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _LN_EPS) * scale_D
+
+
 def modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
   return x_BLD * (1.0 + scale_BD[:, None, :]) + shift_BD[:, None, :]
 

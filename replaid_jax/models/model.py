@@ -19,6 +19,7 @@ from replaid_jax.models import params as params_lib
 COND_INPUTS = ("gamma", "t")
 OUTPUT_BIAS_INITS = ("zeros", "unigram")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+BLOCKS = ("dit", "plaid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ModelConfig:
   output_bias_init: str
   schedule_hidden: int
   remat: bool
+  block: str = "dit"
 
   def denoiser(self) -> denoiser.DenoiserConfig:
     names = {f.name for f in dataclasses.fields(denoiser.DenoiserConfig)}
@@ -86,6 +88,7 @@ def predict(
     prior_scale: jax.Array | float,
     use_output_prior: bool = True,
     detach_embeddings_B: jax.Array | None = None,
+    unroll: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """(logits [B, L, V], x_hat [B, L, d_e]) at noise level gamma.
 
@@ -95,7 +98,7 @@ def predict(
   table = embedding.normalized(params["embedding"])
   alpha2, sigma2 = noise_schedule.alpha_sigma2(gamma_B)
   cond = gamma_B if cfg.cond_input == "gamma" else t_B
-  logits = denoiser.apply(params["denoiser"], z_BLE, cond, x_sc_BLE, alpha2, sigma2, cfg.denoiser())
+  logits = denoiser.apply(params["denoiser"], z_BLE, cond, x_sc_BLE, alpha2, sigma2, cfg.denoiser(), unroll=unroll)
   if use_output_prior:
     # log N(z; alpha e_v, sigma^2 I) = (alpha / sigma^2) z.e_v + const for unit-norm e_v.
     coef_B = prior_scale * jnp.sqrt(alpha2) / sigma2

@@ -36,7 +36,7 @@ from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
-from replaid_jax.models import model as model_lib
+from replaid_jax import objectives
 from replaid_jax.sample import prompts
 from replaid_jax.sample import quality
 from replaid_jax.train import loop
@@ -121,8 +121,8 @@ def _open(workdir: str, step: int | None) -> tuple[dict, ckpt_lib.Checkpointer, 
 
 
 def _restore_params(ck, step: int, c: config_lib.Config, mesh):
-  init = lambda k: model_lib.init(k, c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1)[0]
-  abstract = jax.eval_shape(init, jax.random.key(0))
+  objective = objectives.make(c)
+  abstract = jax.eval_shape(lambda k: objective.init(k, None)[0], jax.random.key(0))
   shardings = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, None), c.mesh.rules, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return ck.restore_ema_params(step, abstract)
@@ -151,7 +151,11 @@ class ProgressBar:
     sys.stderr.flush()
 
 
-def _settings_record(s, seq_len: int) -> dict:
+def _settings_record(s, seq_len: int, objective: str = "replaid") -> dict:
+  if objective != "replaid":  # the baselines' own ancestral samplers; AR takes one step per token
+    return {"seq_len": seq_len, "sampler": f"{objective} ancestral", "steps": seq_len if objective == "ar" else s.steps,
+            "time_grid": "uniform", "score_temp": 1.0, "condition": "clamp",
+            **{k: getattr(s, k) for k in ("prefix", "prefix_file", "suffix", "suffix_file", "gap")}}
   keys = ("sampler", "steps", "time_grid", "score_temp", "selfcond", "condition", "guidance_weight", "prefix",
           "prefix_file", "suffix", "suffix_file", "gap", "constraints", "avoid")
   return {"seq_len": seq_len, **{k: getattr(s, k) for k in keys}}
@@ -170,6 +174,26 @@ def _time_forward(denoiser, params, batch: int, seq_len: int, embed_dim: int, ga
     fwd(params, z, g, x_sc).block_until_ready()
     reps += 1
   return (time.time() - t0) / reps
+
+
+def baseline_known(layout: prompts.Layout, objective: str, s) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, mask) [L] of the positions an AR or masked-diffusion sample is conditioned on.
+
+  Masked diffusion conditions exactly on any known positions (prefix and suffix
+  start revealed); the AR model only on a prefix (teacher-forced).
+  Word constraints and guidance belong to RePlaid's sampler.
+  """
+  if s.constraints or s.avoid:
+    raise errors.ConfigError(f"sample.constraints and sample.avoid use RePlaid's gradient guidance; this checkpoint's "
+                             f"objective is {objective!r}. Clear them.")
+  if objective == "ar" and layout.suffix_start >= 0:
+    raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an mdlm "
+                             "or replaid checkpoint for infilling).")
+  mask = np.zeros((layout.seq_len,), bool)
+  mask[:layout.prefix_len] = True
+  if layout.suffix_start >= 0:
+    mask[layout.suffix_start:layout.suffix_start + layout.suffix_len] = True
+  return np.where(mask, layout.tokens, 0).astype(np.int32), mask
 
 
 def batch_size(requested: int, num_samples: int, divisor: int) -> int:
@@ -207,21 +231,34 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
                  "over, and no larger than sample.num_samples needs)", batch, s.batch_size, divisor)
   shard = lambda ndim: sharding_lib.batch_sharding(mesh, c.mesh.rules, ndim)
   put = lambda x: jax.device_put(x, shard(x.ndim))
-  cond = jax.tree.map(put, layout.batch(batch))
-  denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
-  table = jax.jit(embedding.normalized)(params["embedding"])
-  host_sched = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
-  t, gammas = sampler.schedule_grid(host_sched, s.steps, c.diffusion.schedule, s.time_grid)
   num_batches = math.ceil(s.num_samples / batch)
   bar = ProgressBar(num_batches, enabled=s.progress and jax.process_index() == 0)
   key = jax.random.key(s.seed)
+  if c.objective == "replaid":
+    cond = jax.tree.map(put, layout.batch(batch))
+    denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
+    table = jax.jit(embedding.normalized)(params["embedding"])
+    host_sched = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
+    t, gammas = sampler.schedule_grid(host_sched, s.steps, c.diffusion.schedule, s.time_grid)
 
-  def run_batch(b: int) -> dict:
-    ids = np.arange(b * batch, (b + 1) * batch, dtype=np.int32)
-    out = sampler.generate(denoiser, params, key, sample_ids=put(ids), seq_len=seq_len, t=t, gammas=gammas,
-                           table=table, method=s.sampler, score_temp=s.score_temp, selfcond=s.selfcond, cond=cond,
-                           batch_sharding=shard(3), progress=bar)
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
+    def run_batch(b: int) -> dict:
+      ids = np.arange(b * batch, (b + 1) * batch, dtype=np.int32)
+      out = sampler.generate(denoiser, params, key, sample_ids=put(ids), seq_len=seq_len, t=t, gammas=gammas,
+                             table=table, method=s.sampler, score_temp=s.score_temp, selfcond=s.selfcond, cond=cond,
+                             batch_sharding=shard(3), progress=bar)
+      return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
+  else:
+    if benchmark:
+      raise errors.ConfigError("--benchmark compares RePlaid sampler steps with forward passes; this checkpoint's "
+                               f"objective is {c.objective!r}.")
+    objective = objectives.make(c)
+    known, known_mask = baseline_known(layout, c.objective, s)
+
+    def run_batch(b: int) -> dict:
+      toks = objective.sample(params, jax.random.fold_in(key, b), num_samples=batch, seq_len=seq_len,
+                              num_steps=s.steps, known_BL=put(np.broadcast_to(known, (batch, seq_len))),
+                              known_mask_BL=put(np.broadcast_to(known_mask, (batch, seq_len))))
+      return {"tokens": np.asarray(multihost_utils.process_allgather(toks, tiled=True))}
 
   t0 = time.time()
   outs = []
@@ -252,24 +289,24 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   entropy = np.asarray([quality.unigram_entropy(row) for row in tokens])
   rows, summary = [], {
       "checkpoint_step": step, "workdir": workdir, "num_samples": s.num_samples, "seed": s.seed,
-      "sampler": _settings_record(s, seq_len), "unigram_entropy_mean": float(entropy.mean()), "timing": timing,
+      "objective": c.objective, "sampler": _settings_record(s, seq_len, c.objective), "unigram_entropy_mean": float(entropy.mean()), "timing": timing,
   }
-  if layout.targeted.any():
+  if layout.targeted.any() and "position_logp" in out:
     target = np.broadcast_to(layout.tokens, tokens.shape)
     logp, hits = quality.target_stats(tokens, out["position_logp"], target, layout.targeted)
     summary.update({"target_positions": int(layout.targeted.sum()), "target_logp_mean": float(logp.mean()),
                     "target_match_rate": float(hits.mean())})
   present = np.asarray([prompts.span_present(row, layout) for row in tokens], bool).reshape(len(tokens), -1)
-  if layout.span_names:
+  if layout.span_names and "span_logp" in out:
     summary["spans"] = {name: {"present_rate": float(present[:, k].mean()),
                                "logp_mean": float(out["span_logp"][:, k].mean())}
                         for k, name in enumerate(layout.span_names)}
   for i, row in enumerate(tokens):
     rec = {"index": i, "seed": s.seed, "checkpoint_step": step, "text": texts[i], "tokens": row.tolist(),
            "unigram_entropy": float(entropy[i]), "sampler": summary["sampler"]}
-    if layout.targeted.any():
+    if "target_logp_mean" in summary:
       rec.update({"target_logp": float(logp[i]), "target_match": float(hits[i])})
-    if layout.span_names:
+    if "spans" in summary:
       rec["spans"] = {name: {"present": bool(present[i, k]), "logp": float(out["span_logp"][i, k])}
                       for k, name in enumerate(layout.span_names)}
     rows.append(rec)

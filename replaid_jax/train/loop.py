@@ -35,9 +35,8 @@ from replaid_jax import flops as flops_lib
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import pipeline
-from replaid_jax.diffusion import sampler
+from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
-from replaid_jax.models import model as model_lib
 from replaid_jax.models import params as params_lib
 from replaid_jax.train import optim
 from replaid_jax.train import plots
@@ -57,15 +56,7 @@ class Run:
   batch_sharding: Any
   tx: Any
   axes: Any
-
-
-def _frozen_groups(c: config_lib.Config) -> tuple[str, ...]:
-  frozen = []
-  if c.diffusion.schedule == "linear_fixed":
-    frozen.append("schedule")
-  if not c.diffusion.learn_bounds:
-    frozen.append("bounds")
-  return tuple(frozen)
+  objective: objectives.Objective
 
 
 def resolve_vocab(c: config_lib.Config, corpus: pipeline.Corpus) -> config_lib.Config:
@@ -98,15 +89,12 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
         f"the per-step micro-batch ({micro} sequences) is not divisible by the {split} devices the batch is "
         f"split over; set train.batch_size (with train.grad_accum_steps) to a multiple of {split}."
     )
-  tx = optim.make(c.optim, total_steps=c.train.num_steps, frozen=_frozen_groups(c))
+  objective = objectives.make(c)
+  tx = optim.make(c.optim, total_steps=c.train.num_steps, frozen=objective.frozen_groups())
   bias = output_bias(c, corpus)
-  init_params = functools.partial(
-      model_lib.init, cfg=c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
-      output_bias=None if bias is None else jnp.asarray(bias),
-  )
 
   def make_state(key):
-    params, _ = init_params(key)
+    params, _ = objective.init(key, None if bias is None else jnp.asarray(bias))
     return step_lib.init_state(params, tx)
 
   abstract_state = jax.eval_shape(make_state, jax.random.key(c.seed))
@@ -119,16 +107,17 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
       loss_stats=jax.tree.map(lambda _: repl, abstract_state.loss_stats),
   )
   state = jax.jit(make_state, out_shardings=state_sh)(jax.random.key(c.seed))
-  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, axes)
+  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, axes,
+             objective)
 
 
 def init_params_axes(c: config_lib.Config, bias) -> Any:
   """The logical-axes tree (static) of the model's parameters."""
   holder = {}
+  objective = objectives.make(c)
 
   def f(key):
-    values, axes = model_lib.init(key, c.model, gamma_0=c.diffusion.gamma_0, gamma_1=c.diffusion.gamma_1,
-                                  output_bias=None if bias is None else jnp.asarray(bias))
+    values, axes = objective.init(key, None if bias is None else jnp.asarray(bias))
     holder["axes"] = axes
     return values
 
@@ -159,7 +148,7 @@ def _opt_state_shardings(abstract_opt_state, params_sh, repl):
 def compile_step(run: Run):
   c = run.config
   fn = functools.partial(
-      step_lib.train_step, tx=run.tx, model_cfg=c.model, cfg=c.diffusion,
+      step_lib.train_step, tx=run.tx, objective=run.objective,
       grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay,
   )
   repl = sharding_lib.replicated(run.mesh)
@@ -213,13 +202,15 @@ class _Evaluator:
     c = self.run.config
     if num_times not in self._fns:
       self._fns[num_times] = bound_lib.make_bound_fn(
-          model_cfg=c.model, cfg=c.diffusion, num_times=num_times,
+          self.run.objective, num_times=num_times,
           params_sharding=self.run.params_sharding, batch_sharding=self.run.batch_sharding)
     put = functools.partial(jax.device_put, device=self.run.batch_sharding)
     t0 = time.time()
     out = bound_lib.evaluate(self._fns[num_times], params, self.run.corpus.val, key,
                              batch_size=c.eval.batch_size, max_batches=max_batches, put=put)
     out["num_times"] = num_times
+    out["objective"] = c.objective
+    out["protocol"] = self.run.objective.bound_protocol(num_times)
     out["seconds"] = time.time() - t0
     return out
 
@@ -266,23 +257,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   t0 = time.time()
   compiled = step_fn.lower(state, first_batch, base_key).compile()
   compile_s = time.time() - t0
-  fwd = flops_lib.forward_flops_per_sequence(
-      seq_len=c.data.seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
-      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior)
+  fwd = flops_lib.config_forward_flops(c)
+  fwd_xla = flops_lib.xla_forward_flops(run.objective, run.state.params, c.data.seq_len)
   analytic, analytic_no_sc = flops_lib.train_flops_per_step(
-      fwd, batch=c.train.batch_size, selfcond_fraction=c.diffusion.selfcond_fraction)
-  xla_flops = flops_lib.compiled_flops(compiled)
-  # XLA counts a while-loop body once (the blocks run under lax.scan), so its figure is a lower bound;
-  # throughput uses the analytic count of the step, self-conditioning pass included.
+      fwd, batch=c.train.batch_size,
+      selfcond_fraction=c.diffusion.selfcond_fraction if run.objective.uses_selfcond_pass else 0.0)
+  step_xla = flops_lib.compiled_flops(compiled)
+  # Throughput uses the analytic count of the step (self-conditioning pass included). XLA's count of the
+  # compiled step sees the lax.scan body once, so the forward pass is cross-checked on an unrolled compile.
   step_flops = analytic
   peak = c.train.peak_flops or flops_lib.measure_matmul_flops() * jax.device_count()
-  logging.info("compiled train step in %.1fs; FLOPs/step: analytic %.3g (%.3g without self-cond pass), XLA %s; "
-               "peak %.3g FLOP/s (%s)", compile_s, analytic, analytic_no_sc,
-               f"{xla_flops:.3g}" if xla_flops else "n/a", peak,
-               "train.peak_flops" if c.train.peak_flops else "measured 2048^2 fp32 matmul")
-  writer.write(int(state.step), {"flops_per_step_analytic": analytic, "flops_per_step_analytic_no_selfcond":
-                                 analytic_no_sc, "flops_per_step_xla": xla_flops or 0.0, "peak_flops": peak,
-                                 "compile_seconds": compile_s}, prefix="setup/")
+  logging.info("compiled train step in %.1fs; forward FLOPs/sequence: analytic %.4g, XLA (unrolled) %s (ratio %s); "
+               "FLOPs/step: analytic %.3g (%.3g without the self-cond pass); peak %.3g FLOP/s (%s)", compile_s, fwd,
+               f"{fwd_xla:.4g}" if fwd_xla else "n/a", f"{fwd_xla / fwd:.3f}" if fwd_xla else "n/a", analytic,
+               analytic_no_sc, peak, "train.peak_flops" if c.train.peak_flops else "measured 2048^2 fp32 matmul")
+  writer.write(int(state.step), {"forward_flops_per_sequence_analytic": fwd,
+                                 "forward_flops_per_sequence_xla": fwd_xla or 0.0,
+                                 "flops_per_step_analytic": analytic, "flops_per_step_analytic_no_selfcond":
+                                 analytic_no_sc, "flops_per_step_xla_scan_once": step_xla or 0.0,
+                                 "peak_flops": peak, "compile_seconds": compile_s}, prefix="setup/")
 
   evaluator = _Evaluator(run)
   eval_key = jax.random.fold_in(base_key, 2**31 - 1)
@@ -319,10 +312,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     res["unigram_nats_per_token"] = bound_lib.unigram_cross_entropy(corpus.unigram_counts,
                                                                    corpus.val[:res["num_sequences"]])
     res["ratio_to_unigram"] = res["nats_per_token"] / res["unigram_nats_per_token"]
-    writer.write(step_done, {k2: v for k2, v in res.items() if not isinstance(v, list)}, prefix="val/")
+    writer.write(step_done, {k2: v for k2, v in res.items() if isinstance(v, (int, float)) and v is not None},
+                 prefix="val/")
     if jax.process_index() == 0:
-      plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
-                               os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+      if c.objective == "replaid":
+        plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
+                                 os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
       plots.save_bound_curve({"run": plots.read_validation_curve(workdir)},
                              os.path.join(workdir, "plots", "bound_vs_minutes.png"))
     last_eval_time = time.time()
@@ -367,7 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   final = validate(step, final=True)
   final.update({
       "step": step, "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60,
-      "split": "validation", "data": corpus.info,
+      "split": "validation", "data": corpus.info, "num_params": params_lib.count(state.params),
+      "forward_flops_per_sequence": fwd, "train_flops_per_step": analytic,
+      "train_flops_per_step_no_selfcond": analytic_no_sc, "train_flops": analytic * step,
   })
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   metrics_lib.MetricWriter(os.path.join(workdir, "eval"), tensorboard=False).write_json("final.json", final)
@@ -375,9 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                "unigram %.4f; ratio %.3f", step, final["nats_per_token"], final["stderr"], final["perplexity_bound"],
                final["num_sequences"], final["num_times"], final["unigram_nats_per_token"], final["ratio_to_unigram"])
   if c.eval.num_samples and corpus.tokenizer is not None and jax.process_index() == 0:
-    toks = sampler.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
-                          num_samples=c.eval.num_samples, seq_len=c.data.seq_len,
-                          num_steps=c.eval.sample_steps, model_cfg=c.model, cfg=c.diffusion)
+    toks = run.objective.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
+                                num_samples=c.eval.num_samples, seq_len=c.data.seq_len, num_steps=c.eval.sample_steps)
     texts = [corpus.tokenizer.decode([int(t) for t in row]) for row in np.asarray(toks)]
     with open(os.path.join(workdir, "eval", f"samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
       for text, row in zip(texts, np.asarray(toks)):

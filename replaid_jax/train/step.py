@@ -5,7 +5,6 @@ a global batch; every random number comes from fold_in(base_key, step), so a
 resumed run repeats an uninterrupted one exactly.
 """
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -14,10 +13,6 @@ import jax.numpy as jnp
 import optax
 
 from replaid_jax.diffusion import elbo
-from replaid_jax.diffusion import time_sampling
-from replaid_jax.models import model as model_lib
-
-sg = jax.lax.stop_gradient
 
 
 @flax.struct.dataclass
@@ -63,17 +58,6 @@ class TrainState:
   loss_stats: LossStats
 
 
-def recon_rows(stats: LossStats, cfg: elbo.DiffusionConfig, batch: int) -> jax.Array:
-  """Reconstruction rows this step: Neyman allocation n_r / B = std_r / (std_r + std_d)."""
-  fixed = jnp.asarray(min(max(round(cfg.recon_fraction * batch), 1), batch - 1), jnp.int32)
-  if cfg.recon_split == "fixed":
-    return fixed
-  std_r, std_d = stats.stds()
-  share = std_r / jnp.maximum(std_r + std_d, 1e-12)
-  adaptive = jnp.clip(jnp.round(batch * share), 1, batch - 1).astype(jnp.int32)
-  return jnp.where(stats.weight > 0, adaptive, fixed)
-
-
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -90,35 +74,30 @@ def train_step(
     base_key: jax.Array,
     *,
     tx: optax.GradientTransformation,
-    model_cfg: model_lib.ModelConfig,
-    cfg: elbo.DiffusionConfig,
+    objective: Any,
     grad_accum_steps: int,
     ema_decay: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch; returns the new state and scalar metrics."""
+  """One optimizer step of `objective` (see `replaid_jax.objectives`) on a global batch.
+
+  The objective's per-step setup (times, row roles, weights) is drawn once for
+  the global batch and sliced into the accumulation micro-batches, whose losses
+  and gradients add up to the step's.
+  """
   batch = tokens_BL.shape[0]
-  k_plan, k_noise = jax.random.split(jax.random.fold_in(base_key, state.step))
-  n_recon = recon_rows(state.loss_stats, cfg, batch)
-  plan = time_sampling.train_plan(k_plan, batch, n_recon, time_sampling.selfcond_period(cfg.selfcond_fraction))
-  weights = elbo.Weights(
-      n_recon=n_recon.astype(jnp.float32),
-      n_diff=(batch - n_recon).astype(jnp.float32),
-      n_rows=jnp.asarray(batch, jnp.float32),
-  )
-  pscale = elbo.prior_scale(cfg, state.step)
-  grad_fn = functools.partial(elbo.loss_and_grads, weights=weights, model_cfg=model_cfg, cfg=cfg, pscale=pscale)
+  k_setup, k_noise = jax.random.split(jax.random.fold_in(base_key, state.step))
+  setup = objective.setup(state, batch, k_setup)
 
   if grad_accum_steps == 1:
-    loss, terms, grads = grad_fn(state.params, tokens_BL, plan, k_noise)
+    loss, terms, grads = objective.loss_and_grads(state.params, tokens_BL, setup, k_noise)
   else:
     micro = batch // grad_accum_steps
     tokens_ABL = tokens_BL.reshape(grad_accum_steps, micro, -1)
 
     def one(carry, i):
       loss_acc, grads_acc = carry
-      loss_i, terms_i, grads_i = grad_fn(
-          state.params, tokens_ABL[i], plan.micro(i, micro), jax.random.fold_in(k_noise, i)
-      )
+      loss_i, terms_i, grads_i = objective.loss_and_grads(
+          state.params, tokens_ABL[i], setup.micro(i, micro), jax.random.fold_in(k_noise, i))
       return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), terms_i
 
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -136,20 +115,8 @@ def train_step(
       params=params,
       ema_params=ema,
       opt_state=opt_state,
-      loss_stats=state.loss_stats.update(terms, cfg.loss_stats_decay),
+      loss_stats=objective.update_stats(state.loss_stats, terms),
   )
-  r = terms.is_recon.astype(jnp.float32)
-  metrics = {
-      "loss": loss,
-      "recon": jnp.sum(terms.recon) / weights.n_recon,
-      "diffusion": jnp.sum(terms.diffusion) / weights.n_diff,
-      "prior": jnp.mean(terms.prior),
-      "diffusion_std": jnp.sqrt(jnp.sum((1 - r) * (terms.diffusion - jnp.sum(terms.diffusion) / weights.n_diff) ** 2)
-                                / jnp.maximum(weights.n_diff - 1, 1)),
-      "gamma_0": params["bounds"]["gamma_0"],
-      "gamma_1": params["bounds"]["gamma_1"],
-      "recon_share": weights.n_recon / batch,
-      "prior_scale": pscale,
-      "grad_norm": optax.tree_utils.tree_norm(grads),
-  }
+  metrics = {"loss": loss, **objective.metrics(terms, setup, params),
+             "grad_norm": optax.tree_utils.tree_norm(grads)}
   return new_state, metrics

@@ -1,0 +1,104 @@
+"""What a training objective provides to the shared train step, evaluator and samplers.
+
+One backbone, data pipeline, optimizer, checkpoint format and eval output serve
+every objective; an objective only says how its parameters are built, how a
+batch turns into a loss and gradients, how a sequence gets its likelihood bound
+and how text is sampled. Methods are pure functions of arrays (called under jit).
+
+Per-sequence terms use `elbo.Terms` (nats/token): RePlaid fills recon,
+diffusion and prior; the AR model puts its exact NLL in `recon`; masked
+diffusion puts its ELBO estimate in `diffusion`. Every eval JSON therefore has
+the same keys, and `recon + diffusion + prior` is always the reported bound.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from replaid_jax.diffusion import elbo
+
+
+@flax.struct.dataclass
+class RowSetup:
+  """Per-step randomness and weights shared by the micro-batches of one step.
+
+  `t` is a per-row time (or zeros); `n_rows` the global batch the micro-batch
+  losses are normalised by, so that their sum is the step's loss.
+  """
+
+  t: jax.Array  # [B]
+  n_rows: jax.Array  # [] float32
+
+  def micro(self, i, size: int) -> "RowSetup":
+    return RowSetup(jax.lax.dynamic_slice_in_dim(self.t, i * size, size), self.n_rows)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "num_samples", "seq_len", "num_steps", "temperature"))
+def jit_sample(objective, params, key, *, num_samples, seq_len, num_steps, known_BL, known_mask_BL, temperature):
+  """`objective.sample_traced` compiled once per (objective, shapes, steps, temperature)."""
+  return objective.sample_traced(params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,
+                                 known_BL=known_BL, known_mask_BL=known_mask_BL, temperature=temperature)
+
+
+def zero_terms(like_B: jax.Array, **values) -> elbo.Terms:
+  z = jnp.zeros_like(like_B, jnp.float32)
+  fields = {"recon": z, "diffusion": z, "prior": z, "is_recon": jnp.zeros(like_B.shape, bool)}
+  fields.update(values)
+  return elbo.Terms(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sections:
+  """The config sections an objective reads, for use without a full `config_lib.Config` (tests, notebooks)."""
+
+  model: Any
+  diffusion: Any
+  objective: str = "replaid"
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Base class; `c` is the converted `config_lib.Config`."""
+
+  c: Any
+  name = "base"
+  token_input = False  # the network reads token ids (a V'-row table), not noisy embeddings
+  uses_selfcond_pass = False  # training runs an extra no-gradient forward on some rows
+
+  def init(self, key: jax.Array, output_bias: jax.Array | None) -> tuple[dict, dict]:
+    raise NotImplementedError
+
+  def frozen_groups(self) -> tuple[str, ...]:
+    return ()
+
+  def setup(self, state, batch: int, key: jax.Array) -> Any:
+    return RowSetup(jnp.zeros((batch,), jnp.float32), jnp.asarray(batch, jnp.float32))
+
+  def loss_and_grads(self, params: dict, tokens_BL: jax.Array, setup: Any, key: jax.Array
+                     ) -> tuple[jax.Array, elbo.Terms, dict]:
+    raise NotImplementedError
+
+  def update_stats(self, stats, terms: elbo.Terms):
+    return stats
+
+  def metrics(self, terms: elbo.Terms, setup: Any, params: dict) -> dict:
+    return {}
+
+  def sequence_bound(self, params: dict, tokens_BL: jax.Array, key: jax.Array, *, num_times: int) -> elbo.Terms:
+    raise NotImplementedError
+
+  def sample(self, params: dict, key: jax.Array, *, num_samples: int, seq_len: int, num_steps: int,
+             known_BL: jax.Array | None = None, known_mask_BL: jax.Array | None = None) -> jax.Array:
+    raise NotImplementedError
+
+  def forward(self, params: dict, tokens_BL: jax.Array, *, unroll: bool = False) -> jax.Array:
+    """One forward pass of the network on a batch (at an arbitrary noise level), for FLOP counting."""
+    raise NotImplementedError
+
+  def bound_protocol(self, num_times: int) -> dict:
+    """How `sequence_bound` estimates the bound, for the eval JSON."""
+    return {}

@@ -1,0 +1,117 @@
+"""RePlaid: Gaussian (VDM) diffusion on learned unit-norm embeddings (`diffusion/elbo.py`)."""
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from replaid_jax.diffusion import elbo
+from replaid_jax.diffusion import sampler
+from replaid_jax.diffusion import time_sampling
+from replaid_jax.models import model as model_lib
+from replaid_jax.objectives import base
+
+
+@flax.struct.dataclass
+class Setup:
+  plan: time_sampling.Plan
+  weights: elbo.Weights
+  pscale: jax.Array
+
+  def micro(self, i, size: int) -> "Setup":
+    return Setup(self.plan.micro(i, size), self.weights, self.pscale)
+
+
+def recon_rows(stats, cfg: elbo.DiffusionConfig, batch: int) -> jax.Array:
+  """Reconstruction rows this step: Neyman allocation n_r / B = std_r / (std_r + std_d)."""
+  fixed = jnp.asarray(min(max(round(cfg.recon_fraction * batch), 1), batch - 1), jnp.int32)
+  if cfg.recon_split == "fixed":
+    return fixed
+  std_r, std_d = stats.stds()
+  share = std_r / jnp.maximum(std_r + std_d, 1e-12)
+  adaptive = jnp.clip(jnp.round(batch * share), 1, batch - 1).astype(jnp.int32)
+  return jnp.where(stats.weight > 0, adaptive, fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class RePlaid(base.Objective):
+  name = "replaid"
+
+  @property
+  def uses_selfcond_pass(self) -> bool:
+    return self.c.diffusion.selfcond_fraction > 0
+
+  def init(self, key, output_bias):
+    d = self.c.diffusion
+    return model_lib.init(key, self.c.model, gamma_0=d.gamma_0, gamma_1=d.gamma_1, output_bias=output_bias)
+
+  def frozen_groups(self):
+    d = self.c.diffusion
+    frozen = []
+    if d.schedule == "linear_fixed":
+      frozen.append("schedule")
+    if not d.learn_bounds:
+      frozen.append("bounds")
+    if not d.learn_embeddings:
+      frozen.append("embedding")
+    return tuple(frozen)
+
+  def setup(self, state, batch, key):
+    cfg = self.c.diffusion
+    n_recon = recon_rows(state.loss_stats, cfg, batch)
+    plan = time_sampling.train_plan(key, batch, n_recon, time_sampling.selfcond_period(cfg.selfcond_fraction))
+    weights = elbo.Weights(n_recon=n_recon.astype(jnp.float32), n_diff=(batch - n_recon).astype(jnp.float32),
+                           n_rows=jnp.asarray(batch, jnp.float32))
+    return Setup(plan, weights, elbo.prior_scale(cfg, state.step))
+
+  def loss_and_grads(self, params, tokens_BL, setup, key):
+    return elbo.loss_and_grads(params, tokens_BL, setup.plan, key, setup.weights, model_cfg=self.c.model,
+                               cfg=self.c.diffusion, pscale=setup.pscale)
+
+  def update_stats(self, stats, terms):
+    return stats.update(terms, self.c.diffusion.loss_stats_decay)
+
+  def metrics(self, terms, setup, params):
+    w = setup.weights
+    r = terms.is_recon.astype(jnp.float32)
+    mean_diff = jnp.sum(terms.diffusion) / w.n_diff
+    out = {
+        "nelbo": jnp.sum(terms.recon) / w.n_recon + mean_diff + jnp.mean(terms.prior),
+        "recon": jnp.sum(terms.recon) / w.n_recon,
+        "diffusion": mean_diff,
+        "prior": jnp.mean(terms.prior),
+        "diffusion_std": jnp.sqrt(jnp.sum((1 - r) * (terms.diffusion - mean_diff) ** 2)
+                                  / jnp.maximum(w.n_diff - 1, 1)),
+        "gamma_0": params["bounds"]["gamma_0"],
+        "gamma_1": params["bounds"]["gamma_1"],
+        "recon_share": w.n_recon / w.n_rows,
+        "prior_scale": setup.pscale,
+    }
+    if terms.aux_ce is not None:
+      out["aux_ce"] = jnp.sum(terms.aux_ce) / w.n_diff
+    return out
+
+  def sequence_bound(self, params, tokens_BL, key, *, num_times):
+    return elbo.sequence_bound(params, tokens_BL, key, num_times=num_times, model_cfg=self.c.model,
+                               cfg=self.c.diffusion)
+
+  def sample(self, params, key, *, num_samples, seq_len, num_steps, known_BL=None, known_mask_BL=None):
+    if known_BL is not None:
+      raise ValueError("conditional RePlaid sampling goes through launch/sample.py (guidance and clamping).")
+    return sampler.sample(params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,
+                          model_cfg=self.c.model, cfg=self.c.diffusion)
+
+  def forward(self, params, tokens_BL, *, unroll=False):
+    b, l = tokens_BL.shape
+    z = jnp.zeros((b, l, self.c.model.embed_dim), jnp.float32)
+    g = jnp.zeros((b,), jnp.float32)
+    return model_lib.predict(params, z, g, g, z, cfg=self.c.model, prior_scale=1.0,
+                             use_output_prior=self.c.diffusion.output_prior, unroll=unroll)[1]
+
+  def bound_protocol(self, num_times):
+    return {"num_times": num_times, "time_lattice": "t_k = (k + u) / K, k = 0..K-1, one u ~ U(0,1) per sequence",
+            "self_conditioning": "every pass (100%): x_sc from a first pass at the same z_t",
+            "output_prior_scale": 1.0, "reconstruction": "each sequence's own t = 0 pass",
+            "prior": "closed form at t = 1"}

@@ -1,0 +1,40 @@
+"""The shared DiT read through a token table: the network of the AR and masked-diffusion baselines.
+
+Input ids 0..V-1 are tokens; id V is the extra symbol of the objective (BOS
+for AR, [MASK] for masked diffusion), so the table has V + 1 rows while the
+output layer predicts the V tokens only.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from replaid_jax.models import denoiser
+from replaid_jax.models import params as params_lib
+
+
+def extra_id(vocab_size: int) -> int:
+  return vocab_size
+
+
+def init(key: jax.Array, model_cfg, output_bias: jax.Array | None, *, causal: bool) -> tuple[dict, dict]:
+  cfg = config(model_cfg, causal=causal)
+  return params_lib.split({"denoiser": denoiser.init(key, cfg, output_bias, token_vocab=cfg.vocab_size + 1)})
+
+
+def config(model_cfg, *, causal: bool) -> denoiser.DenoiserConfig:
+  return dataclasses.replace(model_cfg.denoiser(), causal=causal)
+
+
+def logits(params: dict, inputs_BL: jax.Array, cond_B: jax.Array, model_cfg, *, causal: bool,
+           unroll: bool = False) -> jax.Array:
+  """Logits [B, L, V] in float32."""
+  out = denoiser.apply_tokens(params["denoiser"], inputs_BL, cond_B, config(model_cfg, causal=causal), unroll=unroll)
+  return out.astype(jnp.float32)
+
+
+def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target] per position, [B, L]."""
+  logp = jax.nn.log_softmax(logits_BLV, axis=-1)
+  return -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
