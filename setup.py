@@ -28,7 +28,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["replaid_jax", "replaid_jax.*", "configs"]),
     install_requires=_CORE,
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tokenizers>=0.19", "torch==2.13.0", "transformers>=4.40,<6"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tokenizers>=0.19", "torch==2.13.0", "transformers>=4.40,<6",
+                 "zstandard>=0.22"],
+        "prepare": ["zstandard>=0.22", "tokenizers>=0.19"],
         "judges": ["tokenizers>=0.19"],
         "cuda": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
