@@ -90,7 +90,9 @@ class BPETokenizer:
                    num_threads: int | None = None) -> list[list[int]]:
     """Encodes many texts; `tokenizers` picks its own threads (num_threads is ignored)."""
     del num_threads
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    # encode_batch_fast (tokenizers >= 0.21) skips the offsets: same ids, ~1.4x faster.
+    encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
