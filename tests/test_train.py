@@ -30,6 +30,9 @@ def _synthetic_corpus(vocab=48, seq_len=32, rows=64, seed=0):
 def _tiny_config(**overrides):
   cd = tiny.get_config()
   for key, value in overrides.items():
+    if "." not in key:
+      cd[key] = value
+      continue
     section, field = key.split(".")
     cd[section][field] = value
   return cd

@@ -1,0 +1,259 @@
+"""The AR and masked-diffusion baselines, the ablation switches and FLOP accounting, against independent numerics."""
+
+import dataclasses
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from configs import tiny
+from conftest import TINY_DIFFUSION, TINY_MODEL
+from replaid_jax import config_lib
+from replaid_jax import flops
+from replaid_jax import objectives
+from replaid_jax.eval import run as eval_run
+from replaid_jax.judges import perplexity
+from replaid_jax.objectives import ar as ar_lib
+from replaid_jax.objectives import base
+from replaid_jax.objectives import mdlm as mdlm_lib
+from replaid_jax.objectives import token_model
+from replaid_jax.train import loop
+from replaid_jax.train import step as step_lib
+
+from test_train import _run_steps
+
+
+def _perturbed(objective, key, scale=0.3):
+  """Init params with every zero-initialised weight made non-zero."""
+  params, _ = objective.init(key, None)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _log_softmax64(logits):
+  x = np.asarray(logits, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ---- AR: the reported NLL is the sum of -log p over the tokens.
+
+
+def test_ar_bound_equals_an_independent_prefix_by_prefix_nll():
+  obj = ar_lib.AR(base.Sections(TINY_MODEL, TINY_DIFFUSION, "ar"))
+  params = _perturbed(obj, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, TINY_MODEL.vocab_size, (3, 10)).astype(np.int32)
+  reported = np.asarray(obj.sequence_bound(params, jnp.asarray(tokens), jax.random.key(1), num_times=1).recon)
+  bos = TINY_MODEL.vocab_size
+  expected = np.zeros(3)
+  for pos in range(tokens.shape[1]):
+    # Only BOS and the tokens before `pos` are given: the network never sees later tokens.
+    inputs = np.concatenate([np.full((3, 1), bos), tokens[:, :pos]], axis=1).astype(np.int32)
+    logits = token_model.logits(params, jnp.asarray(inputs), jnp.zeros((3,)), TINY_MODEL, causal=True)[:, -1]
+    expected -= _log_softmax64(logits)[np.arange(3), tokens[:, pos]]
+  np.testing.assert_allclose(reported * tokens.shape[1], expected, rtol=2e-5)
+
+
+def test_ar_gradient_accumulation_equals_one_big_batch():
+  params_1, losses_1, _ = _run_steps((1, 1, 1), num_steps=2, **{"train.grad_accum_steps": 1}, objective="ar")
+  params_2, losses_2, _ = _run_steps((1, 1, 1), num_steps=2, **{"train.grad_accum_steps": 2}, objective="ar")
+  np.testing.assert_allclose(losses_2, losses_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_2, params_1)
+
+
+# ---- MDLM: the NELBO estimator against brute force on a tiny vocabulary.
+
+
+def _pattern_probs(t, masks):
+  k = masks.sum(-1)
+  return t[:, None] ** k[None, :] * (1 - t[:, None]) ** (masks.shape[1] - k[None, :])
+
+
+def test_mdlm_nelbo_matches_brute_force_integral_and_discrete_kl_sum():
+  model = dataclasses.replace(TINY_MODEL, vocab_size=3)
+  obj = mdlm_lib.MDLM(base.Sections(model, TINY_DIFFUSION, "mdlm"))
+  params = _perturbed(obj, jax.random.key(2), scale=0.5)
+  x = np.array([2, 0, 1], np.int32)
+  seq_len = x.size
+  masks = np.array([[(m >> i) & 1 for i in range(seq_len)] for m in range(2**seq_len)], bool)  # all 8 patterns
+
+  def masked_ce(t_grid):
+    """CE [T, P, L] of the true tokens for every (t, mask pattern)."""
+    t_rows = np.repeat(t_grid, len(masks)).astype(np.float32)
+    m_rows = np.tile(masks, (len(t_grid), 1))
+    tok = np.broadcast_to(x, m_rows.shape)
+    ce = obj.masked_ce(params, jnp.asarray(tok), jnp.asarray(t_rows), jnp.asarray(m_rows))
+    return np.asarray(ce, np.float64).reshape(len(t_grid), len(masks), seq_len)
+
+  # (a) The continuous-time NELBO as an integral over t (Gauss-Legendre), exact sum over the mask patterns.
+  nodes, wts = np.polynomial.legendre.leggauss(48)
+  t_q = 0.5 * (nodes + 1)
+  ce = masked_ce(t_q)
+  integrand = (_pattern_probs(t_q, masks) * (ce * masks[None]).sum(-1) / t_q[:, None]).sum(-1) / seq_len
+  integral = float(0.5 * (wts * integrand).sum())
+
+  # (b) The discrete-time ELBO with T steps, from categorical KLs over the V + 1 states (no closed form used).
+  num_steps = 1000
+  t_i = np.arange(1, num_steps + 1) / num_steps
+  s_i = t_i - 1.0 / num_steps
+  probs = np.exp(_log_softmax64(_logits_at(obj, params, x, masks, t_i)))  # [T, P, L, V]
+  reveal = ((t_i - s_i) / t_i)[:, None, None]  # q(z_s = x | z_t = MASK, x)
+  q_x = np.broadcast_to(reveal, probs.shape[:3])
+  p_x = reveal * np.take_along_axis(probs, np.broadcast_to(x[None, None, :, None], probs.shape[:3] + (1,)),
+                                    -1)[..., 0]
+  # q and p both put s/t on staying masked, so the [MASK] entry of the KL is 0; the token entries:
+  kl = q_x * np.log(q_x / p_x)
+  discrete = float((_pattern_probs(t_i, masks) * (kl * masks[None]).sum(-1)).sum() / seq_len)
+
+  # (c) The estimator the eval binary uses, over many sequences' worth of draws.
+  tokens = jnp.asarray(np.broadcast_to(x, (2048, seq_len)))
+  est = np.asarray(jax.jit(lambda k: obj.sequence_bound(params, tokens, k, num_times=4).diffusion)(
+      jax.random.key(3)), np.float64)
+  mean, se = est.mean(), est.std(ddof=1) / np.sqrt(est.size)
+
+  assert integral > 0.5
+  assert abs(discrete - integral) / integral < 5e-3, (discrete, integral)
+  assert abs(mean - integral) < 4 * se, (mean, se, integral)
+  assert se < 0.02 * integral
+
+
+def _logits_at(obj, params, x, masks, t_grid):
+  t_rows = np.repeat(t_grid, len(masks)).astype(np.float32)
+  m_rows = np.tile(masks, (len(t_grid), 1))
+  z = np.where(m_rows, obj.mask_id, np.broadcast_to(x, m_rows.shape)).astype(np.int32)
+  logits = jax.jit(lambda p, z, t: token_model.logits(p, z, t, obj.c.model, causal=False))(
+      params, jnp.asarray(z), jnp.asarray(t_rows))
+  return np.asarray(logits, np.float64).reshape(len(t_grid), len(masks), x.size, -1)
+
+
+# ---- samplers.
+
+
+@pytest.mark.parametrize("name", ["ar", "mdlm"])
+def test_baseline_samplers_reproduce_a_known_distribution_and_keep_known_tokens(name):
+  model = dataclasses.replace(TINY_MODEL, vocab_size=4)
+  obj = objectives.REGISTRY[name](base.Sections(model, TINY_DIFFUSION, name))
+  params, _ = obj.init(jax.random.key(0), None)
+  p = np.array([0.1, 0.2, 0.3, 0.4])
+  params["denoiser"]["out_w"] = jnp.zeros_like(params["denoiser"]["out_w"])  # logits = log p whatever the input
+  params["denoiser"]["out_b"] = jnp.log(jnp.asarray(p, jnp.float32))
+  known = np.zeros((512, 6), np.int32)
+  known[:, 0] = 2
+  mask = np.zeros((512, 6), bool)
+  mask[:, 0] = True
+  toks = np.asarray(obj.sample(params, jax.random.key(1), num_samples=512, seq_len=6, num_steps=8,
+                               known_BL=jnp.asarray(known), known_mask_BL=jnp.asarray(mask)))
+  assert (toks[:, 0] == 2).all()
+  freq = np.bincount(toks[:, 1:].reshape(-1), minlength=4) / toks[:, 1:].size
+  assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / toks[:, 1:].size)), (freq, p)
+  again = np.asarray(obj.sample(params, jax.random.key(1), num_samples=512, seq_len=6, num_steps=8,
+                                known_BL=jnp.asarray(known), known_mask_BL=jnp.asarray(mask)))
+  np.testing.assert_array_equal(toks, again)
+
+
+# ---- ablation switches.
+
+
+def test_frozen_embeddings_do_not_move_and_the_rest_does():
+  _, _, run = _run_steps((1, 1, 1), num_steps=0, **{"diffusion.learn_embeddings": False})
+  before = jax.device_get(run.state.params)
+  after, losses, _ = _run_steps((1, 1, 1), num_steps=2, **{"diffusion.learn_embeddings": False})
+  np.testing.assert_array_equal(after["embedding"]["table"], before["embedding"]["table"])
+  assert not np.allclose(after["denoiser"]["in_proj"], before["denoiser"]["in_proj"])
+  assert np.isfinite(losses).all()
+
+
+def test_aux_ce_adds_the_weighted_token_cross_entropy_to_the_loss():
+  cd = tiny.get_config()
+  cd.model.vocab_size = 48
+  cd.diffusion.aux_ce_weight = 0.5
+  c = config_lib.from_config_dict(cd)
+  obj = objectives.make(c)
+  params = _perturbed(obj, jax.random.key(0))
+  state = types.SimpleNamespace(loss_stats=step_lib.LossStats.zeros(), step=jnp.zeros((), jnp.int32))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (8, 32)), jnp.int32)
+  setup = obj.setup(state, 8, jax.random.key(1))
+  loss, terms, _ = obj.loss_and_grads(params, tokens, setup, jax.random.key(2))
+  m = obj.metrics(terms, setup, params)
+  assert float(m["aux_ce"]) > 1.0
+  np.testing.assert_allclose(float(loss), float(m["nelbo"] + 0.5 * m["aux_ce"]), rtol=1e-5)
+
+
+def test_plaid_block_and_wide_embeddings_train():
+  params, losses, _ = _run_steps((1, 1, 1), num_steps=2, **{"model.block": "plaid", "model.embed_dim": 768})
+  blocks = params["denoiser"]["blocks"]
+  assert "rms1" in blocks and "adaln_w" not in blocks and "mlp_b1" not in blocks
+  assert params["embedding"]["table"].shape[-1] == 768 and np.isfinite(losses).all()
+
+
+# ---- FLOP accounting.
+
+
+@pytest.mark.parametrize("name", ["replaid", "ar", "mdlm"])
+def test_xla_forward_flops_agree_with_the_analytic_count(name):
+  cd = demo.get_config()
+  cd.objective = name
+  cd.model.vocab_size = 512
+  c = config_lib.from_config_dict(cd)
+  obj = objectives.make(c)
+  params = jax.eval_shape(lambda k: obj.init(k, None)[0], jax.random.key(0))
+  analytic = flops.config_forward_flops(c)
+  measured = flops.xla_forward_flops(obj, params, c.data.seq_len)
+  assert abs(measured / analytic - 1) < 0.10, (measured, analytic)
+  assert flops.steps_for_budget(1e15, analytic, 32) == int(1e15 // (3 * analytic * 32))
+
+
+# ---- one train binary, one eval schema, and the AR model as a judge.
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("objectives")
+  finals = {}
+  for name in ("replaid", "ar", "mdlm"):
+    cd = tiny.get_config()
+    cd.objective = name
+    cd.train.num_steps = 3
+    cd.data.cache_dir = str(root / "tokenizer")
+    finals[name] = loop.train_and_evaluate(cd, str(root / name))
+  return root, finals
+
+
+def test_every_objective_trains_through_one_loop_with_one_result_schema(trained_runs):
+  root, finals = trained_runs
+  keys = {name: set(json.loads((root / name / "eval" / "final.json").read_text())) for name in finals}
+  assert keys["ar"] == keys["replaid"] == keys["mdlm"]
+  assert finals["ar"]["diffusion"] == 0 and finals["ar"]["recon"] > 0
+  assert finals["mdlm"]["recon"] == 0 and finals["mdlm"]["diffusion"] > 0
+  for name in finals:
+    assert finals[name]["objective"] == name and np.isfinite(finals[name]["nats_per_token"])
+  results = {name: eval_run.evaluate_checkpoint(str(root / name), overrides={"eval.max_batches": 1}, timing=False)
+             for name in ("replaid", "ar")}
+  assert set(results["ar"]) == set(results["replaid"])
+  assert results["ar"]["protocol"]["objective"] == "ar"
+
+
+def test_an_ar_run_judges_text_with_its_exact_nll(trained_runs):
+  root, _ = trained_runs
+  judge = perplexity.load(f"ar:{root / 'ar'}", batch_size=2)
+  text = "ROMEO: But soft, what light through yonder window breaks?"
+  (total, count), = judge.score([text])
+  ids = np.asarray(judge.tokenizer.encode(text), np.int32)
+  assert count == ids.size
+  nll = judge.objective.nll(judge.params, jnp.asarray(ids[None]))
+  np.testing.assert_allclose(total, float(jnp.sum(nll)), rtol=1e-4)
+  res = perplexity.generative_perplexity(judge, [text])
+  np.testing.assert_allclose(res["gen_ppl"], np.exp(total / count), rtol=1e-9)
+
+
+def test_curves_are_refused_for_a_baseline_checkpoint(trained_runs):
+  root, _ = trained_runs
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="objective='ar'"):
+    eval_run.evaluate_checkpoint(str(root / "ar"), analyses=("bound", "curves"), timing=False)
