@@ -2,28 +2,39 @@
 
   python launch/train.py --config=configs/demo.py --workdir=runs/demo [--config.train.num_steps=100 ...]
 
-A run in an existing workdir resumes from its latest checkpoint.
+A run in an existing workdir resumes from its latest checkpoint. SIGTERM or
+Ctrl-C saves a checkpoint at the next step and exits with status 0; rerun the
+same command to resume.
+
+Several processes (see docs/multihost.md): on TPU pods and SLURM (srun) the
+processes find each other; elsewhere start one per host with
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+and the same --workdir (a file system all of them share).
 """
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
 from replaid_jax import cli
+from replaid_jax import distributed
 from replaid_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None, "End this invocation after this many steps with a checkpoint "
+                                   "and no final evaluation (as a preempted job would); rerunning resumes.")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.info("process %d of %d", jax.process_index(), jax.process_count())
-  loop.train_and_evaluate(cli.config(_CONFIG), _WORKDIR.value)
+  distributed.initialize_from_flags()
+  with distributed.handle_preemption():
+    loop.train_and_evaluate(cli.config(_CONFIG), _WORKDIR.value, stop_after=_STOP_AFTER.value)
 
 
 if __name__ == "__main__":

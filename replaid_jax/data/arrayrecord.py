@@ -17,6 +17,8 @@ import numpy as np
 from replaid_jax.errors import ConfigError, DataError
 
 METADATA = "metadata.json"
+# Train rows read for the unigram counts when the train split is streamed.
+UNIGRAM_SAMPLE_ROWS = 16384
 _SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation"}
 
 
@@ -217,13 +219,21 @@ def train_iterator_from_shards(directory: str, *, global_batch: int, seed: int,
   return iter(it_ds)
 
 
-def load_splits(cfg: Any):
+def sample_rows(source: ShardRows, max_rows: int) -> np.ndarray:
+  """int32 [min(len, max_rows), seq_len]: evenly spaced rows of `source` (all of them when few)."""
+  n = min(len(source), max_rows)
+  return source.read_rows(np.linspace(0, len(source) - 1, n).round().astype(np.int64).tolist())
+
+
+def load_splits(cfg: Any, *, stream_train: bool = False):
   """The `data.source="arrayrecord"` reader for `pipeline.load_corpus`.
 
   data.train_files names the prepared directory; data.val_files another
   prepared directory for validation, or empty for the same one. The tokenizer
   is data.tokenizer_path when set (its sha256 must match), else the recorded
-  one when its file still exists. Both splits are loaded into memory.
+  one when its file still exists. Both splits are loaded into memory, except
+  with `stream_train`: then the train entry holds `sample_rows(train,
+  UNIGRAM_SAMPLE_ROWS)` instead of the whole split.
 
   Returns:
     (tokenizer or None, vocab_size, {split: (rows, tokens dropped)},
@@ -248,7 +258,11 @@ def load_splits(cfg: Any):
     elif path and os.path.isfile(path):
       tokenizer = tokenizer_lib.load_tokenizer(path, what=what)
   sha = tokenizer.identity()["sha256"] if tokenizer else None
-  train, meta = read_split(directory, "train", seq_len=cfg.seq_len, tokenizer_sha256=sha)
+  if stream_train:
+    source, meta = open_shards(directory, "train", seq_len=cfg.seq_len, tokenizer_sha256=sha)
+    train = sample_rows(source, UNIGRAM_SAMPLE_ROWS)
+  else:
+    train, meta = read_split(directory, "train", seq_len=cfg.seq_len, tokenizer_sha256=sha)
   val, val_meta = read_split(val_dir, "validation", seq_len=cfg.seq_len,
                              tokenizer_sha256=sha or meta["tokenizer"]["sha256"])
   packed = {"train": (train, meta["splits"]["train"]["tokens_dropped"]),

@@ -36,7 +36,7 @@ class DataConfig:
 @dataclasses.dataclass
 class Corpus:
   """Both splits packed into rows, with what the model and the logs need."""
-  train: np.ndarray  # int32 [N_train, seq_len]
+  train: np.ndarray | None  # int32 [N_train, seq_len]; None when streamed from train_shards
   val: np.ndarray  # int32 [N_val, seq_len]
   vocab_size: int
   tokenizer: Tokenizer | None  # None for npy data without data.tokenizer_path
@@ -45,6 +45,9 @@ class Corpus:
   # None) and per split: <split>_docs (None for npy), <split>_rows,
   # <split>_tokens (in rows) and <split>_tokens_dropped (by packing).
   info: dict
+  # The prepared ArrayRecord directory whose train split is read on demand
+  # (arrayrecord.train_iterator_from_shards) instead of held in `train`.
+  train_shards: str | None = None
 
 
 def pack(token_docs: list[list[int]], *, eos_id: int, seq_len: int) -> tuple[np.ndarray, int]:
@@ -160,8 +163,15 @@ def _load_text(cfg: DataConfig, workdir: str) -> _Splits:
   return tokenizer, tokenizer.vocab_size, packed, n_docs, origins
 
 
-def load_corpus(cfg: DataConfig, *, workdir: str) -> Corpus:
-  """Reads, tokenises and packs the train and validation splits named by `cfg`."""
+def load_corpus(cfg: DataConfig, *, workdir: str, stream_train: bool = False) -> Corpus:
+  """Reads, tokenises and packs the train and validation splits named by `cfg`.
+
+  With `stream_train` and data.source="arrayrecord", the train split stays in
+  its shards: `train` is None, `train_shards` names the directory, and the
+  unigram counts come from an evenly spaced sample of at most
+  arrayrecord.UNIGRAM_SAMPLE_ROWS train rows (all rows of a smaller split),
+  scaled to the split's size. Other sources ignore it.
+  """
   if cfg.source not in SOURCES:
     raise ConfigError(
         f"data.source='{cfg.source}' is unknown. Use one of:"
@@ -173,8 +183,8 @@ def load_corpus(cfg: DataConfig, *, workdir: str) -> Corpus:
   if cfg.source == "npy":
     tokenizer, vocab_size, packed, n_docs, origins = _load_npy(cfg)
   elif cfg.source == "arrayrecord":
-    # Shards written by launch/prepare_data.py, loaded whole (small splits).
-    tokenizer, vocab_size, packed, n_docs, origins = arrayrecord.load_splits(cfg)
+    # Shards written by launch/prepare_data.py: loaded whole, or (stream_train) a sample of the train rows.
+    tokenizer, vocab_size, packed, n_docs, origins = arrayrecord.load_splits(cfg, stream_train=stream_train)
   else:
     tokenizer, vocab_size, packed, n_docs, origins = _load_text(cfg, workdir)
 
@@ -189,8 +199,16 @@ def load_corpus(cfg: DataConfig, *, workdir: str) -> Corpus:
   info["tokenizer"] = tokenizer.identity() if tokenizer else None
   train, val = packed["train"][0], packed["val"][0]
   counts = np.bincount(train.reshape(-1), minlength=vocab_size).astype(np.float64)
+  train_shards = None
+  if cfg.source == "arrayrecord" and stream_train:
+    train_shards = cfg.train_files.strip()
+    split = arrayrecord.read_metadata(train_shards)["splits"]["train"]
+    counts *= split["rows"] / train.shape[0]
+    info.update(train_rows=int(split["rows"]), train_tokens=int(split["tokens"]),
+                train_unigram_sample_rows=int(train.shape[0]))
+    train = None
   return Corpus(train=train, val=val, vocab_size=vocab_size, tokenizer=tokenizer,
-                unigram_counts=counts, info=info)
+                unigram_counts=counts, info=info, train_shards=train_shards)
 
 
 class _GatherRows(grain.transforms.Map):

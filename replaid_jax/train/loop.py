@@ -7,7 +7,9 @@
      from scratch (a resumed run continues the data order and random stream
      exactly where they stopped);
   4. trains, logging metrics, throughput and ETA, evaluating and checkpointing
-     on schedule, until `train.num_steps` or `train.max_minutes`;
+     on schedule, until `train.num_steps` or `train.max_minutes`; a preemption
+     notice (SIGTERM, see replaid_jax/distributed.py) ends it at the next step
+     with a checkpoint and no final evaluation;
   5. saves, then evaluates the EMA parameters on the whole validation split and
      writes <workdir>/eval/final.json (and a few samples).
 """
@@ -30,10 +32,12 @@ import numpy as np
 import replaid_jax
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
+from replaid_jax import distributed
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import sharding as sharding_lib
+from replaid_jax.data import arrayrecord
 from replaid_jax.data import pipeline
 from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
@@ -229,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   logging.info("RePlaid-JAX %s | jax %s | %d process(es), %d device(s): %s", replaid_jax.__version__,
                jax.__version__, jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
 
-  corpus = pipeline.load_corpus(c.data, workdir=workdir)
+  # ArrayRecord training splits are streamed from their shards; only the validation split is loaded.
+  corpus = pipeline.load_corpus(c.data, workdir=workdir, stream_train=True)
   logging.info("data: %s", json.dumps(corpus.info))
   c = resolve_vocab(c, corpus)
   run = build(c, corpus)
@@ -238,9 +243,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                parameter_overview.get_parameter_overview(run.state.params, include_stats=False))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
-  train_iter = pipeline.train_iterator(
-      corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=c.data.num_workers)
+  # Each process reads its own rows of every global batch (see pipeline.train_iterator).
+  shard_args = dict(global_batch=c.train.batch_size, seed=c.seed, process_index=jax.process_index(),
+                    process_count=jax.process_count(), num_workers=c.data.num_workers)
+  if corpus.train is None:
+    train_iter = arrayrecord.train_iterator_from_shards(corpus.train_shards, seq_len=c.data.seq_len, **shard_args)
+  else:
+    train_iter = pipeline.train_iterator(corpus.train, **shard_args)
   meta = metadata(run, config.to_dict())
   state = run.state
   latest = ckpt.latest_step()
@@ -288,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   pending = None
   step = start_step
   last_saved = latest
+  preempted = False
 
   def log(step_done: int, m: dict) -> None:
     m = jax.device_get(m)
@@ -337,6 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0:
       ckpt.save(step, state, train_iter, meta)
       last_saved = step
+    if distributed.preemption_point(step):  # every process stops at the same step
+      preempted = True
+      break
     minutes_due = c.train.eval_every_minutes and time.time() - last_eval_time >= 60 * c.train.eval_every_minutes
     if (c.train.eval_every and step % c.train.eval_every == 0) or minutes_due:
       if step < c.train.num_steps:
@@ -349,6 +362,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   if last_saved != step:
     ckpt.save(step, state, train_iter, meta, force=True)
   ckpt.wait()
+  if preempted:
+    reason = distributed.preemption_reason()
+    logging.info("preempted at step %d%s; checkpoint saved; rerun to resume", step, f" ({reason})" if reason else "")
+    ckpt.close()
+    writer.close()
+    return {"step": step, "stopped": True, "preempted": True}
   if step < c.train.num_steps and not progress.out_of_time():
     logging.info("stopped at step %d of %d; rerun the same command to resume", step, c.train.num_steps)
     ckpt.close()

@@ -1,0 +1,236 @@
+"""Multi-process start-up and preemption: what a launch binary does before and around training.
+
+Start-up (`initialize`): with an explicit coordinator (all three of
+coordinator_address, num_processes, process_id) the processes join through it;
+without one, `jax.distributed.initialize()` is called only where a cluster is
+detected (Cloud TPU VMs and pods, SLURM job steps of more than one task, Open
+MPI), and jax's own detection fills in the rest; otherwise the run stays one
+process. CPU processes exchange collectives through gloo. Processes other than
+0 log warnings and errors only (metrics, JSON and plots are written by process
+0 alone, see metrics.MetricWriter).
+
+Preemption (`handle_preemption`, `preemption_point`): SIGTERM (and SIGINT)
+asks the train loop to stop at a step boundary, save a checkpoint and exit
+cleanly. Every process must stop at the same step, because saving is
+collective:
+  * with jax.distributed initialised, jax's preemption sync manager catches
+    SIGTERM on any process, tells the others through the coordinator, and
+    `multihost_utils.reached_preemption_sync_point(step)` becomes true on all
+    processes at the same step (the largest step any process had reached,
+    plus one); SIGINT and a Cloud TPU maintenance notice are routed to it by
+    sending the process SIGTERM. While the manager runs, a second SIGTERM
+    does not end the process (jax's handler swallows it); SIGKILL does.
+  * in a single process without it, a Python handler sets a flag, read at
+    every step;
+  * with several processes but the jax preemption service disabled
+    (jax_enable_preemption_service=False), the flags are combined with an
+    all-gather every `FALLBACK_SYNC_EVERY` steps.
+A second SIGINT raises KeyboardInterrupt at once.
+"""
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Iterator
+
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+# With several processes and no jax preemption service, how often (in steps) the
+# processes compare their preemption flags: one small all-gather per interval.
+FALLBACK_SYNC_EVERY = 10
+
+# Environment variables that mark a multi-host TPU job (GKE, multislice, pods).
+_TPU_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS", "CLOUD_TPU_TASK_ID")
+# What jax's SLURM detection reads: present inside `srun` job steps.
+_SLURM_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def define_flags() -> None:
+  """Defines --coordinator_address, --num_processes and --process_id (once per program)."""
+  if "coordinator_address" in flags.FLAGS:
+    return
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for a multi-process run (with --num_processes and --process_id); "
+                      "leave unset on TPU pods and SLURM, where it is detected.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
+
+
+def detect_cluster() -> str | None:
+  """The cluster kind whose environment marks this process as one of several, or None."""
+  if any(os.environ.get(name) for name in _TPU_ENV) or _tpu_chips() > 0:
+    return "tpu"
+  if all(name in os.environ for name in _SLURM_ENV) and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in os.environ:
+    return "openmpi"
+  return None
+
+
+def _tpu_chips() -> int:
+  """TPU chips on this host, read from PCI ids without starting a backend (0 when unknown)."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+  except Exception:  # pylint: disable=broad-except
+    return 0
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Joins a multi-process run when one is configured or detected; returns whether jax.distributed started.
+
+  Call before anything touches a jax device.
+  """
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+    raise ValueError("--coordinator_address, --num_processes and --process_id go together; set all three "
+                     "(or none, on TPU pods and SLURM, where they are detected).")
+  if "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1 and "SLURM_PROCID" not in os.environ:
+    logging.warning("SLURM_NTASKS=%s but no SLURM_PROCID: start each process with srun to train on all tasks; "
+                    "running as one process.", os.environ["SLURM_NTASKS"])
+  cluster = "explicit" if coordinator_address is not None else detect_cluster()
+  if cluster is None:
+    return False
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    # Cross-process collectives of CPU devices (ignored by GPU and TPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if cluster == "explicit":
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("jax.distributed (%s): process %d of %d, %d local / %d global device(s)", cluster,
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def initialize_from_flags() -> bool:
+  """`initialize` with the values of the flags from `define_flags`; quiets logs of processes other than 0."""
+  fl = flags.FLAGS
+  started = initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  return started
+
+
+def _sync_manager_active() -> bool:
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    state = jax_distributed.global_state
+    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+class _Watcher:
+  """Signal handlers and the flag they set."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self.reason = ""
+    self.synced = _sync_manager_active()
+    self._previous = {}
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be set from the main thread
+    self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+    if not self.synced:  # else jax's preemption notifier owns SIGTERM
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def uninstall(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _on_signal(self, signum, frame):
+    del frame
+    if self.requested.is_set() and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.request(signal.Signals(signum).name)
+
+  def request(self, reason: str) -> None:
+    """Asks every process to stop at a common step boundary."""
+    first = not self.requested.is_set()
+    self.reason = self.reason or reason
+    self.requested.set()
+    if first and self.synced:
+      os.kill(os.getpid(), signal.SIGTERM)  # jax's notifier propagates it to every process
+
+
+_watcher: _Watcher | None = None
+
+
+@contextlib.contextmanager
+def handle_preemption(*, watch_maintenance: bool = True) -> Iterator[None]:
+  """Within the block, SIGTERM/SIGINT make `preemption_point` true at a step boundary.
+
+  Call after `initialize`. On Cloud TPU VMs, a pending host maintenance event
+  (GCE metadata) counts as a preemption notice too.
+  """
+  global _watcher
+  watcher = _Watcher()
+  watcher.install()
+  _watcher = watcher
+  if watch_maintenance and _tpu_chips() > 0:
+    threading.Thread(target=_watch_maintenance_event, args=(watcher,), daemon=True,
+                     name="maintenance-event").start()
+  try:
+    yield
+  finally:
+    watcher.uninstall()
+    _watcher = None
+
+
+def preemption_point(step: int) -> bool:
+  """True when all processes should save and stop after `step`; call at every step, on every process.
+
+  Without `handle_preemption` (library use) only jax's own preemption sync
+  manager, when running, can make it true.
+  """
+  if _sync_manager_active():
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  local = _watcher is not None and _watcher.requested.is_set()
+  if jax.process_count() == 1:
+    return local
+  if step % FALLBACK_SYNC_EVERY:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([local], np.int32))))
+
+
+def preemption_reason() -> str:
+  """The signal or event that asked for the stop ('' when it came from another process)."""
+  return _watcher.reason if _watcher is not None else ""
+
+
+def _watch_maintenance_event(watcher: _Watcher) -> None:
+  """Long-polls the GCE metadata server; any maintenance event other than NONE requests a stop.
+
+  Gives up quietly where there is no metadata server.
+  """
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+  url = f"http://{host}/computeMetadata/v1/instance/maintenance-event?wait_for_change=true"
+  failures = 0
+  while failures < 3 and not watcher.requested.is_set():
+    try:
+      req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+      with urllib.request.urlopen(req, timeout=3600) as resp:
+        event = resp.read().decode().strip()
+      failures = 0
+    except Exception:  # pylint: disable=broad-except
+      failures += 1
+      time.sleep(10.0)
+      continue
+    if event and event.upper() != "NONE":
+      logging.warning("host maintenance event %s: saving and stopping at the next step", event)
+      watcher.request(f"maintenance event {event}")
+      return
