@@ -32,6 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.output_bias_init = "zeros"  # output bias init: "zeros" or "unigram" (log unigram of training tokens)
   m.schedule_hidden = 1024  # hidden units of the monotone noise-schedule MLP
   m.remat = False  # rematerialise each block in the backward pass
+  m.remat_policy = "full"  # what remat keeps: "full" (block inputs only), "dots" (matmul outputs), "dots_no_batch"
   m.block = "dit"  # "dit" (adaLN-Zero, LayerNorm, MLP biases) or "plaid" (the original Plaid block, ablation)
 
   # ---- diffusion: the ELBO, its estimator and the schedule.

@@ -14,6 +14,7 @@ from replaid_jax import errors
 from replaid_jax.data import pipeline
 from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import time_sampling
+from replaid_jax.models import denoiser as denoiser_lib
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
 from replaid_jax.sample import settings as sample_settings
@@ -143,6 +144,7 @@ def validate(c: Config) -> None:
   _choice("model.output_bias_init", m.output_bias_init, model_lib.OUTPUT_BIAS_INITS)
   _choice("model.compute_dtype", m.compute_dtype, model_lib.COMPUTE_DTYPES)
   _choice("model.block", m.block, model_lib.BLOCKS)
+  _choice("model.remat_policy", m.remat_policy, tuple(denoiser_lib.REMAT_POLICIES))
   _choice("diffusion.mdlm_train_loss", d.mdlm_train_loss, ("low_var", "elbo"))
   if d.aux_ce_weight < 0:
     raise errors.ConfigError(f"diffusion.aux_ce_weight must be >= 0, got {d.aux_ce_weight}.")

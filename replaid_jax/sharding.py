@@ -5,6 +5,7 @@ Model code labels parameter dimensions with logical names ("embed", "mlp",
 Names without a rule are replicated.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from replaid_jax import errors
+from replaid_jax.models import partitioning
 
 PyTree = Any
 
@@ -89,6 +91,23 @@ def batch_divisor(mesh: Mesh, rules) -> int:
   entry = spec[0]
   names = (entry,) if isinstance(entry, str) else tuple(entry or ())
   return math.prod(mesh.shape[a] for a in names)
+
+
+def constrain_fn(mesh: Mesh, rules):
+  """(x, logical axes) -> x with the sharding the rules give those axes (dimensions they do not divide stay whole)."""
+  def fn(x, logical_axes):
+    spec = _fits(x.shape, logical_to_spec(logical_axes, rules, mesh), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return fn
+
+
+def with_activation_sharding(fn, mesh: Mesh, rules):
+  """`fn` whose traced activations follow the logical rules on `mesh` (see models/partitioning.py)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with partitioning.activation_rules(constrain_fn(mesh, rules)):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def specs_as_strings(shardings: PyTree) -> dict[str, str]:

@@ -76,7 +76,7 @@ def test_every_base_key_has_a_comment():
 
 
 PURE = ("replaid_jax/models", "replaid_jax/diffusion")
-ALLOWED = {"jax", "flax", "optax", "numpy", "math", "dataclasses", "functools", "typing", "replaid_jax"}
+ALLOWED = {"jax", "flax", "optax", "numpy", "math", "dataclasses", "functools", "typing", "contextlib", "replaid_jax"}
 
 
 def test_models_and_diffusion_import_no_io():

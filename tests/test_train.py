@@ -55,23 +55,6 @@ def _run_steps(mesh_shape, num_steps=2, **overrides):
   return jax.device_get(state.params), losses, run
 
 
-@pytest.fixture(scope="module")
-def single_device_run():
-  return _run_steps((1, 1, 1))
-
-
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
-def test_sharded_steps_equal_the_single_device_steps(single_device_run, mesh_shape):
-  params_1, losses_1, _ = single_device_run
-  params_n, losses_n, run = _run_steps(mesh_shape)
-  assert len(run.mesh.devices.reshape(-1)) == 8
-  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_n, params_1)
-  if mesh_shape[1] > 1:  # FSDP really shards: some parameter is split over "fsdp".
-    specs = [str(s.spec) for s in jax.tree.leaves(run.params_sharding)]
-    assert any("fsdp" in s for s in specs)
-
-
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="not divisible by the 8 devices"):

@@ -28,6 +28,14 @@ import jax.numpy as jnp
 
 from replaid_jax.models import layers
 from replaid_jax.models import params as params_lib
+from replaid_jax.models import partitioning
+
+REMAT_POLICIES = {
+    "full": None,  # save only each block's input; recompute the rest
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute elementwise work
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+ACT = ("batch", None, "act_embed")  # [B, L, D] residual stream
 
 P = params_lib.Param
 
@@ -48,6 +56,7 @@ class DenoiserConfig:
   causal: bool
   remat: bool
   block: str = "dit"
+  remat_policy: str = "full"
 
   @property
   def head_dim(self) -> int:
@@ -135,6 +144,7 @@ def _init_plaid(keys, cfg: DenoiserConfig, out_b: P, token_vocab: int | None) ->
 def _attention(p: dict, h: jax.Array, rope: tuple, cfg: DenoiserConfig) -> jax.Array:
   dt = jnp.dtype(cfg.compute_dtype)
   qkv = jnp.einsum("bld,dthk->tblhk", h.astype(dt), p["qkv"].astype(dt))
+  qkv = partitioning.constrain(qkv, (None, "batch", None, "heads", None))
   q = layers.apply_rope(qkv[0], *rope)
   k = layers.apply_rope(qkv[1], *rope)
   att = layers.attention(q, k, qkv[2], causal=cfg.causal)
@@ -146,7 +156,8 @@ def _plaid_block(p: dict, x_BLD: jax.Array, rope: tuple, cfg: DenoiserConfig) ->
   scale = cfg.num_layers ** -0.5
   x_BLD = x_BLD + scale * _attention(p, layers.rms_norm(x_BLD, p["rms1"]), rope, cfg)
   h = layers.gelu_tanh(layers.dense(layers.rms_norm(x_BLD, p["rms2"]), p["mlp_w1"], dtype=dt))
-  return x_BLD + scale * layers.dense(h, p["mlp_w2"], dtype=dt)
+  h = partitioning.constrain(h, ("batch", None, "mlp"))
+  return partitioning.constrain(x_BLD + scale * layers.dense(h, p["mlp_w2"], dtype=dt), ACT)
 
 
 def _block(p: dict, x_BLD: jax.Array, c_BC: jax.Array, rope: tuple, cfg: DenoiserConfig) -> jax.Array:
@@ -159,8 +170,9 @@ def _block(p: dict, x_BLD: jax.Array, c_BC: jax.Array, rope: tuple, cfg: Denoise
 
   h = layers.modulate(layers.layer_norm(x_BLD, p["ln2"]), sh2, sc2)
   h = layers.gelu_tanh(layers.dense(h, p["mlp_w1"], p["mlp_b1"], dtype=dt))
+  h = partitioning.constrain(h, ("batch", None, "mlp"))
   h = layers.dense(h, p["mlp_w2"], p["mlp_b2"], dtype=dt)
-  return x_BLD + g2[:, None, :] * h
+  return partitioning.constrain(x_BLD + g2[:, None, :] * h, ACT)
 
 
 def apply(
@@ -205,12 +217,13 @@ def trunk(p: dict, x_BLD: jax.Array, cond_B: jax.Array, cfg: DenoiserConfig, *, 
     c = jax.nn.silu(layers.dense(c, p["cond_w2"], p["cond_b2"]))
     body = lambda x, bp: (_block(bp, x, c, rope, cfg), None)
   if cfg.remat:
-    body = jax.checkpoint(body)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy])
+  x_BLD = partitioning.constrain(x_BLD, ACT)
   x, _ = jax.lax.scan(body, x_BLD, p["blocks"], unroll=cfg.num_layers if unroll else 1)
 
   if cfg.block == "plaid":
     h = layers.layer_norm(x, p["final_ln"])
-    return layers.dense(h, p["out_w"], p["out_b"], dtype=jnp.float32)
+    return partitioning.constrain(layers.dense(h, p["out_w"], p["out_b"], dtype=jnp.float32), ("batch", None, "vocab"))
   shift, scale = jnp.split(layers.dense(c, p["final_adaln_w"], p["final_adaln_b"]), 2, axis=-1)
   h = layers.modulate(layers.layer_norm(x, p["final_ln"]), shift, scale)
-  return layers.dense(h, p["out_w"], p["out_b"], dtype=dt)
+  return partitioning.constrain(layers.dense(h, p["out_w"], p["out_b"], dtype=dt), ("batch", None, "vocab"))

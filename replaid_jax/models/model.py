@@ -43,6 +43,7 @@ class ModelConfig:
   schedule_hidden: int
   remat: bool
   block: str = "dit"
+  remat_policy: str = "full"
 
   def denoiser(self) -> denoiser.DenoiserConfig:
     names = {f.name for f in dataclasses.fields(denoiser.DenoiserConfig)}

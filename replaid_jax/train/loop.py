@@ -155,6 +155,7 @@ def compile_step(run: Run):
       step_lib.train_step, tx=run.tx, objective=run.objective,
       grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay,
   )
+  fn = sharding_lib.with_activation_sharding(fn, run.mesh, c.mesh.rules)
   repl = sharding_lib.replicated(run.mesh)
   return jax.jit(fn, in_shardings=(run.state_sharding, run.batch_sharding, repl),
                  out_shardings=(run.state_sharding, repl), donate_argnums=(0,))
