@@ -1,0 +1,116 @@
+"""The benchmark: chip peaks by device kind, the cost arithmetic, one real timed run, the launch scripts."""
+
+import glob
+import math
+import os
+import subprocess
+
+import pytest
+
+from configs import tiny
+from replaid_jax import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("kind, name", [
+    ("TPU v4", "tpu-v4"),
+    ("TPU v5 lite", "tpu-v5e"),
+    ("TPU v5e", "tpu-v5e"),
+    ("TPU v5p", "tpu-v5p"),
+    ("TPU v5", "tpu-v5p"),
+    ("TPU v6 lite", "tpu-v6e"),
+    ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A100-SXM4-40GB", "a100"),
+    ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA H200", "h200"),
+])
+def test_chip_lookup_by_device_kind(kind, name):
+  assert benchmark.chip_for_kind(kind).name == name
+
+
+def test_unknown_kinds_have_no_chip():
+  assert benchmark.chip_for_kind("cpu") is None
+  assert benchmark.chip_for_kind("NVIDIA GeForce GTX 1080") is None
+
+
+def test_peaks_are_the_dense_per_chip_figures():
+  peaks = {c.name: c.bf16 for c in benchmark.CHIPS}
+  assert peaks == {"tpu-v4": 275e12, "tpu-v5e": 197e12, "tpu-v5p": 459e12, "tpu-v6e": 918e12, "a100": 312e12,
+                   "h100": 989e12, "h200": 989e12}
+
+
+def test_resolve_peak_auto_table_name_number_and_measured():
+  never = lambda: pytest.fail("measured where the table has the chip")  # pylint: disable=unnecessary-lambda-assignment
+  p = benchmark.resolve_peak("auto", device_kind="TPU v5 lite", platform="tpu", num_devices=8, measure=never)
+  assert p["flops_per_s"] == 8 * 197e12 and p["chip"] == "tpu-v5e" and "table" in p["source"]
+  p = benchmark.resolve_peak("auto", device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_devices=2,
+                             compute_dtype="float32", measure=never)
+  assert p["per_device"] == 495e12 and "TF32" in p["source"]
+  p = benchmark.resolve_peak("a100", device_kind="cpu", platform="cpu", num_devices=4, measure=never)
+  assert p["flops_per_s"] == 4 * 312e12
+  p = benchmark.resolve_peak("2.5e11", device_kind="cpu", platform="cpu", num_devices=2, measure=never)
+  assert p["flops_per_s"] == 5e11 and p["source"].startswith("given")
+  p = benchmark.resolve_peak("auto", device_kind="cpu", platform="cpu", num_devices=1, measure=lambda: 1.5e11)
+  assert p["flops_per_s"] == 1.5e11 and p["source"].startswith("measured")
+  with pytest.raises(ValueError, match="unknown chip"):
+    benchmark.resolve_peak("v9", device_kind="cpu", platform="cpu", num_devices=1, measure=never)
+
+
+def test_estimate_matches_a_hand_computation():
+  w = benchmark.Workload("w", fwd_flops=1e9, batch=10, steps=100, selfcond_fraction=0.25)
+  assert w.protocol_flops == 3e12  # 3 x 1e9 x 10 x 100
+  assert w.executed_flops == pytest.approx(3.25e12)  # + 1e9 x 10 x 0.25 per step
+  chip = benchmark.Chip("x", bf16=1e12, fp32=None, match=("x",), price=2.0, price_source="assumed")
+  e = benchmark.estimate(w, chip, num_chips=4, mfu=0.5)
+  seconds = 3.25e12 / (0.5 * 1e12 * 4)  # 1.625 s on 4 chips
+  assert e["wall_hours"] == pytest.approx(seconds / 3600)
+  assert e["chip_hours"] == pytest.approx(4 * seconds / 3600)
+  assert e["dollars"] == pytest.approx(4 * seconds / 3600 * 2.0)
+
+
+def test_protocol_workloads_spend_their_budgets():
+  ws = {(w.name, w.budget): w for w in benchmark.protocol_workloads()}
+  w = ws[("slimpajama:66M", 1e19)]
+  assert w.batch == 256 and w.protocol_flops <= 1e19 < w.protocol_flops + 3 * w.fwd_flops * w.batch
+  assert ws[("owt_base", None)].steps == 1_000_000 and ws[("owt_base", None)].batch == 512
+  table = benchmark.estimate_table(mfu=0.4, num_chips=8)
+  assert table.count("slimpajama:231M") == len(benchmark.PROTOCOL_BUDGETS) and "40%" in table
+
+
+def test_tiny_benchmark_reports_finite_positive_figures():
+  r = benchmark.run(tiny.get_config(), config_name="configs/tiny.py", steps=2, warmup=1, peak="1e11")
+  for key in ("tokens_per_s", "flops_per_s", "flops_per_s_no_selfcond", "mfu", "compile_seconds", "steps_per_s"):
+    assert math.isfinite(r[key]) and r[key] > 0, key
+  for key in ("median", "mean", "min", "max"):
+    assert r["step_seconds"][key] > 0
+  assert len(r["step_seconds"]["all"]) == 2 and r["steps"] == 2
+  f = r["flops"]
+  assert f["per_step_analytic"] > f["per_step_analytic_no_selfcond"] > 0
+  assert f["forward_per_sequence_xla"] > 0 and 0.5 < f["xla_to_analytic"] < 2
+  assert r["peak"]["flops_per_s"] == 1e11 * r["num_devices"]
+  assert r["memory"]["bytes"] > 0 and r["memory"]["source"]
+  assert r["num_params"] > 0 and r["batch_size"] == 8 and r["seq_len"] == 32 and r["vocab_size"] == 512
+  assert math.isfinite(r["final_loss"])
+  assert benchmark.summary_line(r) and "MFU" in benchmark.summary_table(r)
+
+
+def test_forward_only_benchmark():
+  r = benchmark.run(tiny.get_config(), steps=1, warmup=0, peak="1e11", forward_only=True, xla_flops=False)
+  assert r["mode"] == "forward" and r["flops"]["per_step_analytic"] == 8 * r["flops"]["forward_per_sequence_analytic"]
+  assert r["tokens_per_s"] > 0 and r["flops"]["forward_per_sequence_xla"] is None
+
+
+@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(REPO, "launch", "tpu", "*")) +
+                                          glob.glob(os.path.join(REPO, "launch", "gpu", "*"))),
+                         ids=os.path.basename)
+def test_launch_scripts_parse(script):
+  subprocess.run(["bash", "-n", script], check=True)
+  with open(script, encoding="utf-8") as f:
+    text = f.read()
+  assert "set -euo pipefail" in text and text.startswith("#!")
+
+
+def test_launch_script_folders_are_not_empty():
+  assert len(glob.glob(os.path.join(REPO, "launch", "tpu", "*.sh"))) == 4
+  assert len(glob.glob(os.path.join(REPO, "launch", "gpu", "*"))) == 2
