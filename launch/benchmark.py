@@ -43,6 +43,19 @@ _NUM_CHIPS = flags.DEFINE_integer("num_chips", 8, "--estimate: chips per run.")
 distributed.define_flags()
 
 
+def _valid_peak(spec: str) -> bool:
+  try:
+    benchmark.check_peak_spec(spec)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  return True
+
+
+flags.register_validator("peak", _valid_peak)
+flags.register_validator("steps", lambda n: n >= 1, "--steps must be at least 1.")
+flags.register_validator("warmup", lambda n: n >= 0, "--warmup must be at least 0.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

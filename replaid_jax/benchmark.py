@@ -76,6 +76,19 @@ def chip_by_name(name: str) -> Chip:
   raise ValueError(f"unknown chip {name!r}; choose one of {', '.join(c.name for c in CHIPS)}.")
 
 
+def check_peak_spec(spec: str) -> None:
+  """Raises ValueError unless `spec` is "auto", a chip name or a positive number."""
+  if spec == "auto":
+    return
+  try:
+    value = float(spec)
+  except ValueError:
+    chip_by_name(spec)
+    return
+  if not value > 0:
+    raise ValueError(f"a numeric peak must be positive FLOP/s per device, got {spec!r}.")
+
+
 def _table_peak(chip: Chip, compute_dtype: str) -> tuple[float, str]:
   if compute_dtype == "float32" and chip.fp32:
     return chip.fp32, f"table: {chip.name} dense float32 matmul (TF32)"
@@ -108,13 +121,12 @@ def resolve_peak(spec: str, *, device_kind: str, platform: str, num_devices: int
       return {"flops_per_s": per * num_devices, "per_device": per, "chip": None,
               "source": f"measured: 2048^2 float32 matmul on one device{why}"}
   else:
+    check_peak_spec(spec)
     try:
       per = float(spec)
     except ValueError:
       chip = chip_by_name(spec)
     else:
-      if not per > 0:
-        raise ValueError(f"a numeric peak must be positive FLOP/s per device, got {spec!r}.")
       return {"flops_per_s": per * num_devices, "per_device": per, "chip": None, "source": "given (--peak)"}
   per, source = _table_peak(chip, compute_dtype)
   return {"flops_per_s": per * num_devices, "per_device": per, "chip": chip.name, "source": source}
@@ -229,6 +241,7 @@ def run(cd, *, config_name: str = "", steps: int = 10, warmup: int = 2, vocab_si
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
+  check_peak_spec(peak)
   c, vocab = prepare_config(cd, vocab_size=vocab_size, mesh_shape=mesh_shape)
   b, seq_len = c.train.batch_size, c.data.seq_len
   local_rows = b // jax.process_count()

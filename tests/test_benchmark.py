@@ -55,6 +55,8 @@ def test_resolve_peak_auto_table_name_number_and_measured():
   assert p["flops_per_s"] == 1.5e11 and p["source"].startswith("measured")
   with pytest.raises(ValueError, match="unknown chip"):
     benchmark.resolve_peak("v9", device_kind="cpu", platform="cpu", num_devices=1, measure=never)
+  with pytest.raises(ValueError, match="positive"):
+    benchmark.check_peak_spec("0")
 
 
 def test_estimate_matches_a_hand_computation():
