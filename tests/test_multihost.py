@@ -120,11 +120,11 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(npy_args, tmp_path_factory):
-  """An uninterrupted two-process run and the one-process, two-device reference (5 steps each)."""
+  """An uninterrupted two-process run and the one-process, two-device reference (5 steps and the final bound)."""
   root = tmp_path_factory.mktemp("runs")
-  two = _start(root / "two", npy_args, num_processes=2)
-  two_logs = _finish(two)
-  one_logs = _launch(root / "one", npy_args, num_processes=1, devices_per_process=2)
+  args = [*npy_args, "--config.eval.final_num_times=2"]
+  two_logs = _launch(root / "two", args, num_processes=2)
+  one_logs = _launch(root / "one", args, num_processes=1, devices_per_process=2)
   return {"two": str(root / "two"), "one": str(root / "one"), "two_logs": two_logs, "one_logs": one_logs}
 
 
@@ -146,6 +146,10 @@ def test_two_processes_train_like_one_process_with_two_devices(runs):
             for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])))
   print(f"max relative parameter difference after 5 steps: {rel:.3g}")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a["params"], b["params"])
+  # The final validation bound, batches split over the processes, is the one-process bound.
+  finals = [json.load(open(os.path.join(runs[k], "eval", "final.json"))) for k in ("two", "one")]
+  assert finals[0]["num_sequences"] == finals[1]["num_sequences"] > 0
+  np.testing.assert_allclose(finals[0]["nats_per_token"], finals[1]["nats_per_token"], rtol=1e-6)
   steps_dir = os.path.join(runs["two"], "checkpoints", "5", "data_iter")
   assert sorted(os.listdir(steps_dir)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 

@@ -206,9 +206,12 @@ class _Evaluator:
   def __call__(self, params, *, num_times: int, max_batches: int, key) -> dict:
     c = self.run.config
     if num_times not in self._fns:
-      self._fns[num_times] = bound_lib.make_bound_fn(
+      bound = bound_lib.make_bound_fn(
           self.run.objective, num_times=num_times,
           params_sharding=self.run.params_sharding, batch_sharding=self.run.batch_sharding)
+      # Per-sequence results replicated, so that each process can read them all (several processes).
+      gather = jax.jit(lambda terms: terms, out_shardings=sharding_lib.replicated(self.run.mesh))
+      self._fns[num_times] = lambda *args: gather(bound(*args))
     put = functools.partial(jax.device_put, device=self.run.batch_sharding)
     t0 = time.time()
     out = bound_lib.evaluate(self._fns[num_times], params, self.run.corpus.val, key,
