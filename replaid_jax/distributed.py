@@ -40,6 +40,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from replaid_jax import errors
+
 # With several processes and no jax preemption service, how often (in steps) the
 # processes compare their preemption flags: one small all-gather per interval.
 FALLBACK_SYNC_EVERY = 10
@@ -89,8 +91,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
-    raise ValueError("--coordinator_address, --num_processes and --process_id go together; set all three "
-                     "(or none, on TPU pods and SLURM, where they are detected).")
+    raise errors.ConfigError("--coordinator_address, --num_processes and --process_id go together; set all three "
+                             "(or none, on TPU pods and SLURM, where they are detected).")
   if "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1 and "SLURM_PROCID" not in os.environ:
     logging.warning("SLURM_NTASKS=%s but no SLURM_PROCID: start each process with srun to train on all tasks; "
                     "running as one process.", os.environ["SLURM_NTASKS"])
@@ -101,8 +103,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     # Cross-process collectives of CPU devices (ignored by GPU and TPU backends).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if cluster == "explicit":
+    # Every local device, without consulting cluster environments.
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, cluster_detection_method="deactivate")
   else:
     jax.distributed.initialize()
   logging.info("jax.distributed (%s): process %d of %d, %d local / %d global device(s)", cluster,

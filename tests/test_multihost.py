@@ -150,6 +150,8 @@ def test_two_processes_train_like_one_process_with_two_devices(runs):
   finals = [json.load(open(os.path.join(runs[k], "eval", "final.json"))) for k in ("two", "one")]
   assert finals[0]["num_sequences"] == finals[1]["num_sequences"] > 0
   np.testing.assert_allclose(finals[0]["nats_per_token"], finals[1]["nats_per_token"], rtol=1e-6)
+  print(f"final bound: {finals[0]['nats_per_token']:.6f} (2 processes), {finals[1]['nats_per_token']:.6f} "
+        f"(1 process) nats/token over {finals[0]['num_sequences']} sequences")
   steps_dir = os.path.join(runs["two"], "checkpoints", "5", "data_iter")
   assert sorted(os.listdir(steps_dir)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
