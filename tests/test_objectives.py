@@ -257,3 +257,15 @@ def test_curves_are_refused_for_a_baseline_checkpoint(trained_runs):
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="objective='ar'"):
     eval_run.evaluate_checkpoint(str(root / "ar"), analyses=("bound", "curves"), timing=False)
+
+
+@pytest.mark.parametrize("size, table", [("66M", 2.858e11), ("231M", 8.292e11), ("1233M", 4.026e12)])
+def test_the_count_without_attention_products_matches_the_protocol_size_table(size, table):
+  from configs import slimpajama  # pylint: disable=g-import-not-at-top
+  width, layers, _ = slimpajama.SIZES[size]
+  ours = flops.forward_flops_per_sequence(seq_len=2048, width=width, num_layers=layers, vocab_size=32001,
+                                          embed_dim=16, token_input=True, include_attention=False)
+  assert abs(ours / table - 1) < 0.01, (ours, table)
+  with_attention = flops.forward_flops_per_sequence(seq_len=2048, width=width, num_layers=layers, vocab_size=32001,
+                                                    embed_dim=16, token_input=True)
+  np.testing.assert_allclose(with_attention - ours, layers * 4 * 2048**2 * width)

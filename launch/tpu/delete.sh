@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deletes a Cloud TPU VM or slice (checkpoints in gs:// are kept).
+# Deletes a Cloud TPU VM or slice (checkpoints in a mounted bucket are kept).
 #
 # Usage:
 #   launch/tpu/delete.sh NAME ZONE

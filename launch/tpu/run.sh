@@ -3,12 +3,14 @@
 #
 # Usage:
 #   launch/tpu/run.sh NAME ZONE CONFIG WORKDIR [more flags for launch/train.py ...]
-#   launch/tpu/run.sh replaid-v4 us-central2-b configs/owt_base.py gs://my-bucket/owt \
-#       --config.data.train_files='gs://my-bucket/owt/train_*.npy' --config.data.val_files=gs://my-bucket/owt/val.npy
+#   launch/tpu/run.sh replaid-v4 us-central2-b configs/owt_base.py /mnt/bucket/owt \
+#       --config.data.train_files='/mnt/bucket/owt/train_*.npy' --config.data.val_files=/mnt/bucket/owt/val.npy
 #
 # Every worker runs `python launch/train.py --config=CONFIG --workdir=WORKDIR ...`
 # at the same time (a multi-host program needs all of them); JAX finds the other
-# hosts of the slice by itself. WORKDIR must be shared by all hosts (gs://...).
+# hosts of the slice by itself. WORKDIR must be one directory shared by all hosts: a bucket
+# mounted with gcsfuse at the same path on every worker, or NFS (gs:// URLs are
+# not accepted as a workdir: the loop writes through the local file system).
 # Each worker's output is streamed to this terminal, prefixed with [wN], and
 # written to LOG_DIR/worker-N.log (default logs/NAME/). Ctrl-C ends the local
 # ssh sessions; to make sure the remote processes stopped too:
