@@ -274,3 +274,26 @@ def test_analyze_script_end_to_end(tmp_path):
       assert f"{fitted:.4g}" in tables
   assert result["comparisons"]["replaid"]["gap_at_matched_loss"]["gap"] == pytest.approx(GAP, rel=0.1)
   assert (out / "isoflop.png").stat().st_size > 0 and (out / "laws.png").stat().st_size > 0
+
+
+def test_compare_ranks_runs_at_equal_compute_with_errors_of_the_difference(tmp_path):
+  compare = _load("compare")
+  sweeps = []
+  for d, runs in (("main", [("replaid", 4.0, 0.03), ("ar", 3.1, 0.01), ("replaid", 4.5, 0.03)]),
+                  ("abl", [("nosc", 4.1, 0.04), ("frozenemb", 4.6, 0.02)])):
+    sweep = []
+    for i, (method, loss, se) in enumerate(runs):
+      workdir = tmp_path / d / f"{method}-{i}"
+      os.makedirs(workdir / "eval")
+      (workdir / "eval" / "final.json").write_text(json.dumps({"nats_per_token": loss, "stderr": se}))
+      budget = 2e12 if (d, i) == ("main", 2) else 1e12  # a run at another budget is left out
+      sweep.append({"name": f"{method}-{i}", "method": method, "size": "S", "budget": budget,
+                    "non_embedding_params": 1000, "workdir": str(workdir)})
+    (tmp_path / d / "sweep.json").write_text(json.dumps(sweep))
+    sweeps.append(str(tmp_path / d))
+  result = compare.compare(sweeps, budget=1e12, size="S", reference="replaid")
+  assert [r["method"] for r in result["rows"]] == ["ar", "replaid", "nosc", "frozenemb"]
+  nosc = result["rows"][2]
+  assert nosc["diff_to_reference"] == pytest.approx(0.1) and nosc["diff_stderr"] == pytest.approx(0.05)
+  assert nosc["z"] == pytest.approx(2.0)
+  assert "| frozenemb | 4.6000 ± 0.0200 | +0.6000 ± 0.0361 | +16.6 |" in compare.markdown(result)
