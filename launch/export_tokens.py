@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np

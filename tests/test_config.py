@@ -1,7 +1,6 @@
 """Configs: every shipped config converts cleanly; mistakes are caught with the key named."""
 
 import ast
-import os
 import pathlib
 import re
 

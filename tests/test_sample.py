@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import tiny
 from replaid_jax import errors
+from replaid_jax import inference
 from replaid_jax.diffusion import guidance
 from replaid_jax.diffusion import sampler
 from replaid_jax.models import embedding
@@ -312,9 +313,9 @@ def trained(tmp_path_factory):
   cd.eval.final_max_batches = 1
   workdir = str(root / "run")
   loop.train_and_evaluate(cd, workdir)
-  meta, ck, _ = run_lib._open(workdir, None)
+  ck, _, meta = inference.open_checkpoint(workdir, None)
   ck.close()
-  return workdir, meta, run_lib.resolve_tokenizer(meta, workdir, "")
+  return workdir, meta, inference.checkpoint_tokenizer(meta, workdir)
 
 
 def _sample_cli(workdir, *args):

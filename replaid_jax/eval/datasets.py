@@ -260,37 +260,6 @@ NAMES = ("validation", "train", "text:<paths>", "npy:<paths>") + tuple(ZERO_SHOT
 # ---- the checkpoint's tokenizer.
 
 
-def checkpoint_tokenizer(meta: dict, workdir: str) -> tokenizer_lib.Tokenizer | None:
-  """The tokenizer recorded in a checkpoint's metadata, verified by sha256 and vocabulary size.
-
-  Looks at the recorded path, then at <workdir>/tokenizer/<same name> (a run
-  directory that was moved). None when the run had no tokenizer (.npy data).
-  """
-  ident = meta.get("tokenizer")
-  vocab = meta.get("vocab_size")
-  if not ident:
-    return None
-  recorded = ident.get("path", "")
-  candidates = [recorded, os.path.join(os.path.abspath(workdir), "tokenizer", os.path.basename(recorded))]
-  found = []
-  for path in dict.fromkeys(candidates):
-    if not path or not os.path.isfile(path):
-      continue
-    tok = tokenizer_lib.load_tokenizer(path, what="the checkpoint's tokenizer")
-    got = tok.identity()
-    if got["sha256"] == ident.get("sha256") and tok.vocab_size == vocab:
-      return tok
-    found.append(f"{path} (sha256 {got['sha256'][:12]}…, {tok.vocab_size} pieces)")
-  want = f"sha256 {str(ident.get('sha256'))[:12]}…, {ident.get('vocab_size')} pieces; model vocab_size {vocab}"
-  if found:
-    raise errors.CheckpointError(
-        f"the tokenizer found for this checkpoint does not match the one it was trained with ({want}): "
-        f"{'; '.join(found)}. Put the original SentencePiece model back at {recorded}.")
-  raise errors.CheckpointError(
-      f"the checkpoint's tokenizer is missing: no file at {recorded} nor at {candidates[1]} ({want}). Copy the "
-      "SentencePiece model the run was trained with to one of those paths.")
-
-
 # ---- loading.
 
 

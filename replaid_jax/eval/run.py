@@ -41,18 +41,16 @@ from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
+from replaid_jax import inference
 from replaid_jax import metrics as metrics_lib
-from replaid_jax import sharding as sharding_lib
+from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
 from replaid_jax.eval import geometry as geometry_lib
-from replaid_jax import objectives
 from replaid_jax.models import params as params_lib
-from replaid_jax.train import loop
 
 ANALYSES = ("bound", "curves", "geometry")
-REQUIRED_ITEMS = ("ema_params", "metadata")
 _EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for every checkpoint of a run
 
 
@@ -133,127 +131,16 @@ def checkpoint_config(meta: dict, overrides: dict[str, Any] | None = None) -> co
   return c
 
 
-# ---- checkpoint.
+# ---- opening a checkpoint (shared with sampling and the AR judge: replaid_jax/inference.py).
+
+open_checkpoint = inference.open_checkpoint
+Model = inference.Model
+restore_params = inference.restore_params
 
 
-def _step_dir(ckpt: ckpt_lib.Checkpointer, step: int) -> str:
-  return os.path.join(ckpt.directory, str(step))
-
-
-def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpointer, int, dict]:
-  """(read-only Checkpointer, step, metadata) for `step` (default: the latest); fails loudly on anything missing."""
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise errors.CheckpointError(f"no complete checkpoint in {ckpt.directory}; wait for the run to save one, or point "
-                                 "--workdir at a run that has.")
-  if step is None:
-    step = max(steps)
-  if step not in steps:
-    raise errors.CheckpointError(f"no complete checkpoint for step {step} in {ckpt.directory}; available steps: "
-                                 f"{sorted(steps)}.")
-  missing = [item for item in REQUIRED_ITEMS
-             if not os.path.isdir(os.path.join(_step_dir(ckpt, step), item))
-             or not os.listdir(os.path.join(_step_dir(ckpt, step), item))]
-  if missing:
-    raise errors.CheckpointError(
-        f"checkpoint step {step} in {ckpt.directory} is incomplete: item(s) {', '.join(missing)} missing or empty. "
-        f"Evaluate another step (available: {sorted(steps)}) or restore the files.")
-  try:
-    meta = ckpt.metadata(step)
-  except errors.ReplaidError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} cannot be read "
-                                 f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged.") from None
-  if not isinstance(meta, dict):
-    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} is not a JSON object.")
-  return ckpt, step, meta
-
-
-@dataclasses.dataclass
-class Model:
-  """The model of a config, on its mesh: what restoring and evaluating need."""
-
-  config: config_lib.Config
-  mesh: Any
-  abstract_params: Any  # ShapeDtypeStructs with shardings
-  params_sharding: Any
-  batch_sharding: Any
-
-
-def build_model(c: config_lib.Config, devices=None) -> Model:
-  """Mesh (the saved one, else data-parallel over the devices present), parameter and batch shardings."""
-  try:
-    mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, devices)
-  except errors.ConfigError as e:
-    shape = (-1,) + (1,) * (len(c.mesh.axes) - 1)
-    logging.warning("the saved mesh does not fit the devices here (%s); using mesh.shape=%s", e, shape)
-    mesh = sharding_lib.make_mesh(c.mesh.axes, shape, devices)
-  rules = c.mesh.rules
-  split = sharding_lib.batch_divisor(mesh, rules)
-  if c.eval.batch_size % split:
-    raise errors.ConfigError(
-        f"eval.batch_size={c.eval.batch_size} is not a multiple of the {split} devices the batch is split over; "
-        f"pass --config.eval.batch_size={max(split, c.eval.batch_size // split * split)}.")
-  bias = np.zeros((c.model.vocab_size,), np.float32) if c.model.output_bias_init == "unigram" else None
-  objective = objectives.make(c)
-  abstract = jax.eval_shape(lambda k: objective.init(k, None if bias is None else jnp.asarray(bias))[0],
-                            jax.random.key(0))
-  params_sh = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, bias), rules, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
-  return Model(c, mesh, abstract, params_sh, sharding_lib.batch_sharding(mesh, rules))
-
-
-def _path(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def restore_params(ckpt: ckpt_lib.Checkpointer, step: int, model: Model) -> dict:
-  """The EMA parameters of `step`, placed with the model's shardings; shapes checked against the config."""
-  saved_shapes = _saved_shapes(ckpt, step)
-  if saved_shapes is not None:
-    expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
-    _check_shapes(saved_shapes, expected, ckpt, step, model.config)
-  try:
-    params = ckpt.restore_ema_params(step, model.abstract_params)
-  except errors.ReplaidError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise errors.CheckpointError(
-        f"the EMA parameters of checkpoint step {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:400]}); the checkpoint is incomplete or damaged: evaluate another step "
-        f"(available: {ckpt.all_steps()}).") from None
-  got = {_path(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
-  expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
-  _check_shapes(got, expected, ckpt, step, model.config)
-  return params
-
-
-def _saved_shapes(ckpt: ckpt_lib.Checkpointer, step: int) -> dict[str, tuple] | None:
-  """Shapes recorded in the ema_params item's metadata, by parameter path; None when orbax cannot say."""
-  try:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    with ocp.StandardCheckpointer() as reader:
-      meta = reader.metadata(os.path.join(_step_dir(ckpt, step), "ema_params"))
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path(p): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _check_shapes(got: dict, expected: dict, ckpt, step: int, c: config_lib.Config) -> None:
-  bad = [f"{k}: saved {got.get(k)} vs config {v}" for k, v in expected.items() if got.get(k) != v]
-  extra = sorted(set(got) - set(expected))
-  if bad or extra:
-    m = c.model
-    raise errors.CheckpointError(
-        f"checkpoint step {step} in {ckpt.directory} does not fit the model built from its saved config "
-        f"(model.width={m.width}, num_layers={m.num_layers}, num_heads={m.num_heads}, embed_dim={m.embed_dim}, "
-        f"vocab_size={m.vocab_size}): {'; '.join((bad + [f'{k}: not in the model' for k in extra])[:4])}. "
-        "The metadata config was edited or written by another code version; restore the original metadata.")
+def build_model(c: config_lib.Config, devices=None) -> inference.Model:
+  """The checkpoint's model on its mesh, with the eval batch checked against the batch split."""
+  return inference.build_model(c, devices, batch_size=c.eval.batch_size, batch_key="eval.batch_size")
 
 
 # ---- the bound.
@@ -374,7 +261,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   ckpt, step, meta = open_checkpoint(workdir, step)
   try:
     c = checkpoint_config(meta, overrides)
-    tok = datasets.checkpoint_tokenizer(meta, workdir)
+    tok = inference.checkpoint_tokenizer(meta, workdir)
     model = session.model(c)
     params = restore_params(ckpt, step, model)
   finally:

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from replaid_jax import errors
+from replaid_jax import inference
 from replaid_jax import objectives
-from replaid_jax.eval import datasets
 from replaid_jax.eval import run as eval_run
 
 
@@ -24,18 +24,18 @@ class ARJudge:
   def __init__(self, spec: str, *, batch_size: int = 8):
     workdir, _, step = spec.partition("@")
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    ckpt, step, meta = eval_run.open_checkpoint(workdir, int(step) if step else None)
+    ckpt, step, meta = inference.open_checkpoint(workdir, int(step) if step else None)
     try:
       c = eval_run.checkpoint_config(meta)
       if c.objective != "ar":
         raise errors.ConfigError(f"sample.judge=ar:{spec} is a checkpoint of objective {c.objective!r}; an AR judge "
                                  "needs a run trained with --config.objective=ar.")
-      self.tokenizer = datasets.checkpoint_tokenizer(meta, workdir)
+      self.tokenizer = inference.checkpoint_tokenizer(meta, workdir)
       if self.tokenizer is None:
         raise errors.ConfigError(f"the AR run at {workdir} was trained without a tokenizer (pre-tokenised data), so "
                                  "it cannot score text.")
-      model = eval_run.build_model(c)
-      self.params = eval_run.restore_params(ckpt, step, model)
+      model = inference.build_model(c)
+      self.params = inference.restore_params(ckpt, step, model)
     finally:
       ckpt.close()
     self.objective = objectives.make(c)

@@ -1,7 +1,6 @@
 """RePlaid: Gaussian (VDM) diffusion on learned unit-norm embeddings (`diffusion/elbo.py`)."""
 
 import dataclasses
-import functools
 
 import flax.struct
 import jax

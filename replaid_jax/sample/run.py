@@ -28,18 +28,16 @@ import ml_collections
 import numpy as np
 
 from configs import base as base_config
-from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import sharding as sharding_lib
-from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
+from replaid_jax import inference
 from replaid_jax import objectives
 from replaid_jax.sample import prompts
 from replaid_jax.sample import quality
-from replaid_jax.train import loop
 
 
 def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
@@ -66,66 +64,6 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
   if merged["model"].get("vocab_size") is None and vocab_size is not None:
     merged["model"] = {**merged["model"], "vocab_size": vocab_size}
   return config_lib.from_config_dict(ml_collections.ConfigDict(merged)), filled
-
-
-def resolve_tokenizer(meta: dict, workdir: str, path_override: str) -> tokenizer_lib.Tokenizer | None:
-  """The checkpoint's tokenizer: sample.tokenizer_path, the recorded path, or the same file under the workdir."""
-  ident = meta.get("tokenizer")
-  if ident is None:
-    if path_override:
-      raise errors.ConfigError("sample.tokenizer_path is set but this checkpoint was trained without a tokenizer "
-                               "(pre-tokenised data); leave it empty.")
-    return None
-  recorded = ident.get("path", "")
-  candidates = [path_override] if path_override else [
-      recorded, os.path.join(workdir, "tokenizer", os.path.basename(recorded))]
-  found = next((p for p in candidates if p and os.path.isfile(os.path.expanduser(p))), None)
-  if found is None:
-    raise errors.CheckpointError(
-        f"the checkpoint's tokenizer is not at {' nor '.join(repr(p) for p in candidates if p)}; pass its new "
-        "location with --config.sample.tokenizer_path=PATH (the file's sha256 must be "
-        f"{ident.get('sha256', '?')[:12]}…).")
-  tok = tokenizer_lib.load_tokenizer(found, what="sample.tokenizer_path")
-  got = tok.identity()
-  if got["sha256"] != ident.get("sha256") or got["vocab_size"] != meta.get("vocab_size", got["vocab_size"]):
-    raise errors.CheckpointError(
-        f"the tokenizer at '{found}' (sha256 {got['sha256'][:12]}…, {got['vocab_size']} pieces) is not the one this "
-        f"checkpoint was trained with (sha256 {ident.get('sha256', '?')[:12]}…, {meta.get('vocab_size')} pieces); "
-        "point --config.sample.tokenizer_path at the original .model file.")
-  return tok
-
-
-def _mesh(c: config_lib.Config):
-  try:
-    return sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape)
-  except errors.ConfigError as e:
-    shape = (-1,) + (1,) * (len(c.mesh.axes) - 1)
-    logging.warning("the run's mesh does not fit these devices (%s); sampling data-parallel with mesh.shape=%s",
-                    e, shape)
-    return sharding_lib.make_mesh(c.mesh.axes, shape)
-
-
-def _open(workdir: str, step: int | None) -> tuple[dict, ckpt_lib.Checkpointer, int]:
-  """(metadata, open read-only checkpointer, step) of a checkpoint (the latest by default)."""
-  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:
-    step = ck.latest_step() if step is None else step
-    if step is None:
-      raise errors.CheckpointError(f"{ck.directory} holds no complete checkpoint yet; train longer or wait for the "
-                                   "first save (checkpoint.every_steps).")
-    meta = ck.metadata(step)
-    return meta, ck, step
-  except BaseException:
-    ck.close()
-    raise
-
-
-def _restore_params(ck, step: int, c: config_lib.Config, mesh):
-  objective = objectives.make(c)
-  abstract = jax.eval_shape(lambda k: objective.init(k, None)[0], jax.random.key(0))
-  shardings = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, None), c.mesh.rules, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return ck.restore_ema_params(step, abstract)
 
 
 class ProgressBar:
@@ -206,7 +144,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
                       benchmark: bool = False) -> dict:
   """Generates samples from a run's checkpoint; returns the summary (also written next to the samples)."""
   workdir = os.path.abspath(workdir)
-  meta, ck, step = _open(workdir, step)
+  ck, step, meta = inference.open_checkpoint(workdir, step)
   try:
     c, filled = resolve_config(meta.get("config") or {}, overrides, meta.get("vocab_size"))
     if filled:
@@ -216,10 +154,11 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
     if seq_len > c.model.max_seq_len:
       raise errors.ConfigError(f"sample.seq_len={seq_len} exceeds the model's max_seq_len={c.model.max_seq_len}; "
                                "lower sample.seq_len.")
-    tok = resolve_tokenizer(meta, workdir, s.tokenizer_path)
+    tok = inference.checkpoint_tokenizer(meta, workdir, s.tokenizer_path)
     layout = prompts.build(tok, s, seq_len, max_seq_len=c.model.max_seq_len)
-    mesh = _mesh(c)
-    params = _restore_params(ck, step, c, mesh)
+    model = inference.build_model(c)
+    mesh = model.mesh
+    params = inference.restore_params(ck, step, model)
   finally:
     ck.close()
   logging.info("restored the EMA parameters of step %d from %s", step, workdir)

@@ -17,7 +17,6 @@
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any

@@ -1,0 +1,195 @@
+"""Opening a trained run for inference: the checkpoint, the model on a mesh, the EMA parameters, the tokenizer.
+
+Shared by the eval binary, the sampling CLI and the AR judge, so that every
+reader of a checkpoint fails the same way, with a message that names the
+problem and the fix, on a missing or incomplete step, a config that does not
+fit the saved parameters, or a tokenizer that is not the one the run used.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from replaid_jax import checkpoint as ckpt_lib
+from replaid_jax import config_lib
+from replaid_jax import errors
+from replaid_jax import objectives
+from replaid_jax import sharding as sharding_lib
+from replaid_jax.data import tokenizer as tokenizer_lib
+from replaid_jax.train import loop
+
+REQUIRED_ITEMS = ("ema_params", "metadata")
+
+
+def _step_dir(ckpt: ckpt_lib.Checkpointer, step: int) -> str:
+  return os.path.join(ckpt.directory, str(step))
+
+
+def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpointer, int, dict]:
+  """(read-only Checkpointer, step, metadata) for `step` (default: the latest); fails loudly on anything missing."""
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise errors.CheckpointError(f"no complete checkpoint in {ckpt.directory}; wait for the run to save one, or point "
+                                 "--workdir at a run that has.")
+  if step is None:
+    step = max(steps)
+  if step not in steps:
+    raise errors.CheckpointError(f"no complete checkpoint for step {step} in {ckpt.directory}; available steps: "
+                                 f"{sorted(steps)}.")
+  missing = [item for item in REQUIRED_ITEMS
+             if not os.path.isdir(os.path.join(_step_dir(ckpt, step), item))
+             or not os.listdir(os.path.join(_step_dir(ckpt, step), item))]
+  if missing:
+    raise errors.CheckpointError(
+        f"checkpoint step {step} in {ckpt.directory} is incomplete: item(s) {', '.join(missing)} missing or empty. "
+        f"Evaluate another step (available: {sorted(steps)}) or restore the files.")
+  try:
+    meta = ckpt.metadata(step)
+  except errors.ReplaidError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} cannot be read "
+                                 f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged.") from None
+  if not isinstance(meta, dict):
+    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} is not a JSON object.")
+  return ckpt, step, meta
+
+
+@dataclasses.dataclass
+class Model:
+  """The model of a config, on its mesh: what restoring and evaluating need."""
+
+  config: config_lib.Config
+  mesh: Any
+  abstract_params: Any  # ShapeDtypeStructs with shardings
+  params_sharding: Any
+  batch_sharding: Any
+
+
+def build_model(c: config_lib.Config, devices=None, *, batch_size: int | None = None,
+                batch_key: str = "batch size") -> Model:
+  """Mesh (the saved one, else data-parallel over the devices present), parameter and batch shardings.
+
+  `batch_size`, when given, must split evenly over the devices the batch is
+  split over (`batch_key` names the setting in the error).
+  """
+  try:
+    mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, devices)
+  except errors.ConfigError as e:
+    shape = (-1,) + (1,) * (len(c.mesh.axes) - 1)
+    logging.warning("the saved mesh does not fit the devices here (%s); using mesh.shape=%s", e, shape)
+    mesh = sharding_lib.make_mesh(c.mesh.axes, shape, devices)
+  rules = c.mesh.rules
+  split = sharding_lib.batch_divisor(mesh, rules)
+  if batch_size is not None and batch_size % split:
+    raise errors.ConfigError(
+        f"{batch_key}={batch_size} is not a multiple of the {split} devices the batch is split over; "
+        f"pass --config.{batch_key}={max(split, batch_size // split * split)}.")
+  bias = np.zeros((c.model.vocab_size,), np.float32) if c.model.output_bias_init == "unigram" else None
+  objective = objectives.make(c)
+  abstract = jax.eval_shape(lambda k: objective.init(k, None if bias is None else jnp.asarray(bias))[0],
+                            jax.random.key(0))
+  params_sh = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, bias), rules, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
+  return Model(c, mesh, abstract, params_sh, sharding_lib.batch_sharding(mesh, rules))
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def restore_params(ckpt: ckpt_lib.Checkpointer, step: int, model: Model) -> dict:
+  """The EMA parameters of `step`, placed with the model's shardings; shapes checked against the config."""
+  saved_shapes = _saved_shapes(ckpt, step)
+  if saved_shapes is not None:
+    expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
+    _check_shapes(saved_shapes, expected, ckpt, step, model.config)
+  try:
+    params = ckpt.restore_ema_params(step, model.abstract_params)
+  except errors.ReplaidError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(
+        f"the EMA parameters of checkpoint step {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:400]}); the checkpoint is incomplete or damaged: evaluate another step "
+        f"(available: {ckpt.all_steps()}).") from None
+  got = {_path(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+  expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
+  _check_shapes(got, expected, ckpt, step, model.config)
+  return params
+
+
+def _saved_shapes(ckpt: ckpt_lib.Checkpointer, step: int) -> dict[str, tuple] | None:
+  """Shapes recorded in the ema_params item's metadata, by parameter path; None when orbax cannot say."""
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    with ocp.StandardCheckpointer() as reader:
+      meta = reader.metadata(os.path.join(_step_dir(ckpt, step), "ema_params"))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path(p): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _check_shapes(got: dict, expected: dict, ckpt, step: int, c: config_lib.Config) -> None:
+  bad = [f"{k}: saved {got.get(k)} vs config {v}" for k, v in expected.items() if got.get(k) != v]
+  extra = sorted(set(got) - set(expected))
+  if bad or extra:
+    m = c.model
+    raise errors.CheckpointError(
+        f"checkpoint step {step} in {ckpt.directory} does not fit the model built from its saved config "
+        f"(model.width={m.width}, num_layers={m.num_layers}, num_heads={m.num_heads}, embed_dim={m.embed_dim}, "
+        f"vocab_size={m.vocab_size}): {'; '.join((bad + [f'{k}: not in the model' for k in extra])[:4])}. "
+        "The metadata config was edited or written by another code version; restore the original metadata.")
+
+
+# ---- the bound.
+
+
+
+
+def checkpoint_tokenizer(meta: dict, workdir: str, path_override: str = "",
+                         override_key: str = "sample.tokenizer_path") -> tokenizer_lib.Tokenizer | None:
+  """The tokenizer recorded in a checkpoint's metadata, verified by sha256 and vocabulary size.
+
+  Looks at `path_override` alone when it is given (a tokenizer that moved),
+  else at the recorded path, then at <workdir>/tokenizer/<same name> (a run
+  directory that was moved). None when the run had no tokenizer (.npy data).
+  """
+  ident = meta.get("tokenizer")
+  vocab = meta.get("vocab_size")
+  if not ident:
+    if path_override:
+      raise errors.ConfigError(f"{override_key} is set but this checkpoint was trained without a tokenizer "
+                               "(pre-tokenised data); leave it empty.")
+    return None
+  recorded = ident.get("path", "")
+  if path_override:
+    candidates = [os.path.expanduser(path_override)]
+  else:
+    candidates = [recorded, os.path.join(os.path.abspath(workdir), "tokenizer", os.path.basename(recorded))]
+  found = []
+  for path in dict.fromkeys(candidates):
+    if not path or not os.path.isfile(path):
+      continue
+    tok = tokenizer_lib.load_tokenizer(path, what=override_key if path_override else "the checkpoint's tokenizer")
+    got = tok.identity()
+    if got["sha256"] == ident.get("sha256") and tok.vocab_size == vocab:
+      return tok
+    found.append(f"{path} (sha256 {got['sha256'][:12]}…, {tok.vocab_size} pieces)")
+  want = f"sha256 {str(ident.get('sha256'))[:12]}…, {ident.get('vocab_size')} pieces; model vocab_size {vocab}"
+  if found:
+    raise errors.CheckpointError(
+        f"the tokenizer found for this checkpoint does not match the one it was trained with ({want}): "
+        f"{'; '.join(found)}. Put the original tokenizer back at {recorded} or point --config.{override_key} at it.")
+  raise errors.CheckpointError(
+      f"the checkpoint's tokenizer is missing: no file at {' nor at '.join(candidates)} ({want}). Copy the "
+      f"tokenizer the run was trained with to {recorded}, or pass its new location with --config.{override_key}=PATH.")
