@@ -445,7 +445,9 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: str) -> li
         pad = 0.1 * (f["log_n_max"] - f["log_n_min"])
         xs = np.linspace(f["log_n_min"] - pad, f["log_n_max"] + pad, 100)
         ax.plot(np.exp(xs), np.polyval([f["a"], f["b"], f["c"]], xs), "-" if f["valid"] else ":", color=col)
-      if f.get("n_opt") is not None and f.get("loss_opt") is not None:
+      near = f.get("log_n_min") is not None and f.get("n_opt") is not None and (
+          f["log_n_min"] - 1.0 <= math.log(f["n_opt"]) <= f["log_n_max"] + 1.0)
+      if near and f.get("loss_opt") is not None:  # optima far outside the sampled sizes are in the tables only
         ax.plot([f["n_opt"]], [f["loss_opt"]], "*", ms=14, color=col if f["valid"] else "none",
                 markeredgecolor=col)
     ax.set_xscale("log")

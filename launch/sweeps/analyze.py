@@ -35,8 +35,18 @@ def collect(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
       final = json.load(f)
     runs.append({"name": r["name"], "method": r["method"], "size": r["size"],
                  "num_params": int(r["non_embedding_params"]), "budget": float(r["budget"]),
+                 "num_steps": r.get("num_steps"),
                  "loss": float(final["nats_per_token"]), "stderr": float(final.get("stderr", float("nan")))})
   return runs, missing
+
+
+def runs_table(runs: list[dict[str, Any]]) -> str:
+  """Every finished run: loss ± standard error by method, budget and size."""
+  lines = ["| method | budget (FLOPs) | size | N (non-embedding) | steps | loss (nats/token) |", "|---|---|---|---|---|---|"]
+  for r in sorted(runs, key=lambda r: (r["method"], r["budget"], r["num_params"])):
+    lines.append(f"| {r['method']} | {r['budget']:.3g} | {r['size']} | {r['num_params']:,} | {r.get('num_steps') or '–'} "
+                 f"| {r['loss']:.4f} ± {r['stderr']:.4f} |")
+  return "\n".join(lines) + "\n"
 
 
 def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = None) -> dict[str, Any]:
@@ -53,6 +63,8 @@ def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = N
     json.dump(result, f, indent=1)
   with open(os.path.join(out_dir, "tables.md"), "w", encoding="utf-8") as f:
     f.write(scaling.markdown_tables(result))
+  with open(os.path.join(out_dir, "runs.md"), "w", encoding="utf-8") as f:
+    f.write(runs_table(runs))
   return result
 
 
