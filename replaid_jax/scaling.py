@@ -281,6 +281,25 @@ def _law_or_none(law: dict | None) -> dict | None:
   return {**law, "E": law.get("E") or 0.0}
 
 
+def best_run_gaps(info: dict[str, Any], ref_loss_law: dict[str, Any], ref_losses: list[float]) -> list[dict]:
+  """Per budget: the method's best observed loss and the compute multiple C / C_ref(L) that reaches it.
+
+  Needs only the reference's L*(C) law, so it also applies to a method
+  without laws of its own (no valid isoFLOP optimum). It is conservative for
+  the method when its best observed run is not its true optimum. `extrapolated`
+  marks losses outside the range of the reference's own optima.
+  """
+  lo, hi = (min(ref_losses), max(ref_losses)) if ref_losses else (math.nan, math.nan)
+  out = []
+  for e in info["budgets"]:
+    i = int(np.argmin(e["losses"]))
+    loss = float(e["losses"][i])
+    c_ref = float(invert_law(ref_loss_law, loss))
+    out.append({"budget": e["budget"], "size": e["sizes"][i], "loss": loss, "reference_flops": c_ref,
+                "gap": e["budget"] / c_ref if c_ref > 0 else math.nan, "extrapolated": not lo <= loss <= hi})
+  return out
+
+
 def analyze(runs: list[dict[str, Any]], reference: str = "ar") -> dict[str, Any]:
   """IsoFLOP optima, power laws and compute gaps of a sweep.
 
@@ -331,6 +350,9 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar") -> dict[str, Any]
     return _jsonable(result)
   ref = result["methods"][reference]
   ref_losses = [e["isoflop_fit"]["loss_opt"] for e in ref["budgets"] if e["isoflop_fit"]["valid"]]
+  if ref["loss_law"] is not None:
+    result["best_run_gaps"] = {m: best_run_gaps(info, ref["loss_law"], ref_losses)
+                               for m, info in result["methods"].items() if m != reference}
   for method, info in result["methods"].items():
     if method == reference:
       continue
@@ -403,6 +425,15 @@ def markdown_tables(result: dict[str, Any]) -> str:
                    f"{_fmt(comp['param_ratio_at_matched_loss'], '.3g')}x |")
   else:
     lines.append("No comparisons.")
+  if result.get("best_run_gaps"):
+    lines += ["", f"## Best run per budget against {ref}'s L*(C)", "",
+              f"| method | budget (FLOPs) | best size | loss | C_{ref} reaching it | gap C/C_{ref} |",
+              "|---|---|---|---|---|---|"]
+    for method, rows in result["best_run_gaps"].items():
+      for r in rows:
+        flag = " (extrapolated)" if r["extrapolated"] else ""
+        lines.append(f"| {method} | {_fmt(r['budget'], '.3g')} | {r['size']} | {_fmt(r['loss'], '.4f')} | "
+                     f"{_fmt(r['reference_flops'], '.3g')} | {_fmt(r['gap'], '.3g')}x{flag} |")
   if result["notes"]:
     lines += ["", "Notes:", ""] + [f"- {n}" for n in result["notes"]]
   return "\n".join(lines) + "\n"

@@ -297,3 +297,12 @@ def test_compare_ranks_runs_at_equal_compute_with_errors_of_the_difference(tmp_p
   assert nosc["diff_to_reference"] == pytest.approx(0.1) and nosc["diff_stderr"] == pytest.approx(0.05)
   assert nosc["z"] == pytest.approx(2.0)
   assert "| frozenemb | 4.6000 ± 0.0200 | +0.6000 ± 0.0361 | +16.6 |" in compare.markdown(result)
+
+
+def test_best_run_gaps_invert_the_reference_law():
+  ref_law = {"A": 10.0, "alpha": -0.1, "E": 0.0}
+  info = {"budgets": [{"budget": 1e12, "sizes": ["a", "b"], "losses": [3.0, 2.5]}]}
+  (row,) = scaling.best_run_gaps(info, ref_law, [2.0, 3.0])
+  c_ref = (2.5 / 10.0) ** (1 / -0.1)
+  assert row["size"] == "b" and row["reference_flops"] == pytest.approx(c_ref)
+  assert row["gap"] == pytest.approx(1e12 / c_ref) and not row["extrapolated"]
