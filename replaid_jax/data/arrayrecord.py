@@ -10,10 +10,10 @@ import json
 import os
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
 
+from replaid_jax.data import batching
 from replaid_jax.errors import ConfigError, DataError
 
 METADATA = "metadata.json"
@@ -183,40 +183,16 @@ def train_iterator_from_shards(directory: str, *, global_batch: int, seed: int,
   get_state() / set_state() and grain.checkpoint; a state is only valid for the
   same num_workers. With num_workers > 0, call close() when done.
   """
-  if global_batch < 1:
-    raise ConfigError(
-        f"The global batch size is {global_batch}. Set train.batch_size to a"
-        " positive number of sequences.")
-  if global_batch % process_count:
-    raise ConfigError(
-        f"The global batch size {global_batch} does not divide by the"
-        f" {process_count} processes. Set train.batch_size to a multiple of"
-        f" {process_count}.")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  if num_workers < 0:
-    raise ConfigError(
-        f"data.num_workers={num_workers} is negative. Use 0 (read in the main"
-        " process) or a positive number of worker processes.")
+  batching.check_batching(global_batch=global_batch, process_index=process_index, process_count=process_count,
+                          num_workers=num_workers)
   source, _ = open_shards(directory, "train", seq_len=seq_len, tokenizer_sha256=tokenizer_sha256)
   if len(source) < global_batch:
     raise DataError(
         f"The training split of '{directory}' has {len(source)} sequences, fewer than one"
         f" global batch of {global_batch}. Prepare more data, or lower train.batch_size.")
 
-  per_process = global_batch // process_count
-  ds = (grain.MapDataset.range(len(source))
-        .shuffle(seed=seed % 2**32)
-        .repeat()
-        .batch(per_process, drop_remainder=True)
-        [process_index::process_count]
-        .map(_ReadRows(source)))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  if num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return iter(it_ds)
+  return batching.batch_iterator(len(source), _ReadRows(source), global_batch=global_batch, seed=seed,
+                                 process_index=process_index, process_count=process_count, num_workers=num_workers)
 
 
 def sample_rows(source: ShardRows, max_rows: int) -> np.ndarray:

@@ -4,11 +4,11 @@ import dataclasses
 import os
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
 
 from replaid_jax.data import arrayrecord
+from replaid_jax.data import batching
 from replaid_jax.data import sources
 from replaid_jax.data.tokenizer import Tokenizer, load_tokenizer, train_or_load_tokenizer
 from replaid_jax.errors import ConfigError, DataError
@@ -235,39 +235,14 @@ def train_iterator(tokens: np.ndarray, *, global_batch: int, seed: int, process_
   """
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [rows, seq_len], got shape {tokens.shape}.")
-  if global_batch < 1:
-    raise ConfigError(
-        f"The global batch size is {global_batch}. Set train.batch_size to a"
-        " positive number of sequences.")
-  if global_batch % process_count:
-    raise ConfigError(
-        f"The global batch size {global_batch} does not divide by the"
-        f" {process_count} processes. Set train.batch_size to a multiple of"
-        f" {process_count}.")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  if num_workers < 0:
-    raise ConfigError(
-        f"data.num_workers={num_workers} is negative. Use 0 (read in the main"
-        " process) or a positive number of worker processes.")
+  batching.check_batching(global_batch=global_batch, process_index=process_index, process_count=process_count,
+                          num_workers=num_workers)
   if tokens.shape[0] < global_batch:
     raise DataError(
         f"The training split has {tokens.shape[0]} sequences, fewer than one"
         f" global batch of {global_batch}. Add training data, lower"
         " data.seq_len, or lower train.batch_size.")
 
-  per_process = global_batch // process_count
-  ds = (grain.MapDataset.range(tokens.shape[0])
-        .shuffle(seed=seed % 2**32)
-        .repeat()
-        .batch(per_process, drop_remainder=True)
-        [process_index::process_count]
-        .map(_GatherRows(np.ascontiguousarray(tokens, dtype=np.int32))))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  if num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain's worker processes read absl flags; outside absl.app (tests,
-      # notebooks) use their defaults.
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return iter(it_ds)
+  return batching.batch_iterator(
+      tokens.shape[0], _GatherRows(np.ascontiguousarray(tokens, dtype=np.int32)), global_batch=global_batch,
+      seed=seed, process_index=process_index, process_count=process_count, num_workers=num_workers)
