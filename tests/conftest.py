@@ -32,6 +32,17 @@ TINY_DIFFUSION = elbo.DiffusionConfig(
 )
 
 
+def npy_cli_args(directory) -> list[str]:
+  """Writes a small random .npy train/val token stream (vocabulary 40) and returns the train.py flags reading it."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  np.save(directory / "train.npy", rng.integers(0, 40, 5000, dtype=np.int32))
+  np.save(directory / "val.npy", rng.integers(0, 40, 600, dtype=np.int32))
+  return ["--config.data.source=npy", f"--config.data.train_files={directory / 'train.npy'}",
+          f"--config.data.val_files={directory / 'val.npy'}", "--config.data.npy_vocab_size=40",
+          "--config.data.val_plays=", "--config.eval.num_samples=0", "--config.eval.final_num_times=0"]
+
+
 def perturbed_params(key, model_cfg=TINY_MODEL, scale=0.3):
   """Init params with every zero-initialised weight made non-zero, so every path carries signal."""
   params, _ = model_lib.init(key, model_cfg, gamma_0=-3.0, gamma_1=6.0)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from conftest import npy_cli_args
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax.data import arrayrecord
 from replaid_jax.data import pipeline
@@ -61,14 +62,7 @@ def _env(devices_per_process: int) -> dict:
 
 @pytest.fixture(scope="module")
 def npy_args(tmp_path_factory):
-  d = tmp_path_factory.mktemp("npy")
-  rng = np.random.default_rng(1)
-  np.save(d / "train.npy", rng.integers(0, 40, 5000, dtype=np.int32))
-  np.save(d / "val.npy", rng.integers(0, 40, 600, dtype=np.int32))
-  return ["--config.data.source=npy", f"--config.data.train_files={d / 'train.npy'}",
-          f"--config.data.val_files={d / 'val.npy'}", "--config.data.npy_vocab_size=40", "--config.data.val_plays=",
-          "--config.eval.num_samples=0", "--config.eval.final_num_times=0", "--config.train.num_steps=5",
-          "--config.mesh.shape=(-1,1,1)"]
+  return [*npy_cli_args(tmp_path_factory.mktemp("npy")), "--config.train.num_steps=5", "--config.mesh.shape=(-1,1,1)"]
 
 
 def _command(workdir, args):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import npy_cli_args
 from replaid_jax import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,13 +40,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.fixture(scope="module")
 def npy_args(tmp_path_factory):
-  d = tmp_path_factory.mktemp("npy")
-  rng = np.random.default_rng(1)
-  np.save(d / "train.npy", rng.integers(0, 40, 5000, dtype=np.int32))
-  np.save(d / "val.npy", rng.integers(0, 40, 600, dtype=np.int32))
-  return ["--config.data.source=npy", f"--config.data.train_files={d / 'train.npy'}",
-          f"--config.data.val_files={d / 'val.npy'}", "--config.data.npy_vocab_size=40", "--config.data.val_plays=",
-          "--config.eval.num_samples=0", "--config.eval.final_num_times=0"]
+  return npy_cli_args(tmp_path_factory.mktemp("npy"))
 
 
 def _start(workdir, args, *, runner=None, env=None):
