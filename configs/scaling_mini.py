@@ -19,7 +19,7 @@ plays), so that each of the sweep's runs loads .npy streams instead.
 from configs import base
 
 # name: (width, layers, heads)
-SIZES = {"XXS": (32, 2, 2), "XS": (64, 2, 2), "S": (96, 3, 3), "M": (128, 4, 4)}
+SIZES = {"XXXS": (16, 2, 1), "XXS": (32, 2, 2), "XS": (64, 2, 2), "S": (96, 3, 3), "M": (128, 4, 4)}
 
 
 TOKENS = "runs/mini_tokens"  # written by launch/export_tokens.py (relative to the repository root)

@@ -13,7 +13,7 @@ Only numpy and scipy; matplotlib is imported by `plot` alone.
 import collections
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -300,7 +300,24 @@ def best_run_gaps(info: dict[str, Any], ref_loss_law: dict[str, Any], ref_losses
   return out
 
 
-def analyze(runs: list[dict[str, Any]], reference: str = "ar") -> dict[str, Any]:
+def fit_window(losses: Sequence[float], window: int) -> tuple[int, int]:
+  """[start, stop) of the `window` consecutive sizes centred on the lowest loss (all sizes when window is 0).
+
+  Sizes far from the optimum (a model too large to leave the unigram plateau
+  within the budget, say) bend the curve away from a parabola; fitting the
+  neighbourhood of the best run keeps the fit local, as the optimum is.
+  """
+  n = len(losses)
+  if window <= 0 or window >= n:
+    return 0, n
+  if window < 3:
+    raise ValueError(f"an isoFLOP fit window needs at least 3 sizes, got {window}.")
+  best = int(np.argmin(np.asarray(losses, dtype=np.float64)))
+  start = min(max(best - window // 2, 0), n - window)
+  return start, start + window
+
+
+def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0) -> dict[str, Any]:
   """IsoFLOP optima, power laws and compute gaps of a sweep.
 
   Args:
@@ -309,6 +326,8 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar") -> dict[str, Any]
       optionally `stderr`.
     reference: the method every other one is compared with (skipped, with a
       note, when absent).
+    window: fit each budget's parabola to this many consecutive sizes around
+      its best run (`fit_window`); 0 fits all sizes.
 
   Returns:
     A JSON-able dict (NaN written as None): `methods` (per method: `budgets`,
@@ -319,7 +338,8 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar") -> dict[str, Any]
     `notes`.
   """
   groups = _group(runs)
-  result: dict[str, Any] = {"reference": reference, "methods": {}, "comparisons": {}, "notes": []}
+  result: dict[str, Any] = {"reference": reference, "window": int(window), "methods": {}, "comparisons": {},
+                            "notes": []}
   for method, by_budget in groups.items():
     entries = []
     for rs in by_budget.values():
@@ -329,7 +349,9 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar") -> dict[str, Any]
           "stderrs": [float(r.get("stderr", math.nan)) for r in rs],
       }
       try:
-        entry["isoflop_fit"] = isoflop_fit(np.log(entry["num_params"]), entry["losses"])
+        lo, hi = fit_window(entry["losses"], window)
+        entry["fit_sizes"] = entry["sizes"][lo:hi]
+        entry["isoflop_fit"] = isoflop_fit(np.log(entry["num_params"][lo:hi]), entry["losses"][lo:hi])
       except ValueError as e:
         entry["isoflop_fit"] = {"valid": False, "extrapolated": False, "reason": str(e)}
       entries.append(entry)
@@ -392,13 +414,14 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 def markdown_tables(result: dict[str, Any]) -> str:
   """The optima per budget, the laws per method and the gaps against the reference as markdown tables."""
   lines = ["## IsoFLOP optima", "",
-           "| method | budget (FLOPs) | sizes | N* (non-embedding) | L* (nats/token) | curvature a | status |",
+           "| method | budget (FLOPs) | sizes fitted | N* (non-embedding) | L* (nats/token) | curvature a | status |",
            "|---|---|---|---|---|---|---|"]
   for method, info in result["methods"].items():
     for e in info["budgets"]:
       f = e["isoflop_fit"]
       status = "ok" if f["valid"] else f.get("reason", "invalid")
-      lines.append(f"| {method} | {_fmt(e['budget'], '.3g')} | {len(e['sizes'])} | {_fmt(f.get('n_opt'), '.4g')} | "
+      fitted = e.get("fit_sizes", e["sizes"])
+      lines.append(f"| {method} | {_fmt(e['budget'], '.3g')} | {','.join(fitted)} | {_fmt(f.get('n_opt'), '.4g')} | "
                    f"{_fmt(f.get('loss_opt'), '.4f')} | {_fmt(f.get('a'), '.3g')} | {status} |")
   lines += ["", "## Scaling laws (over the budgets with a valid optimum)", "",
             "| method | law | A | exponent ± SE | r² | budgets |", "|---|---|---|---|---|---|"]

@@ -226,6 +226,48 @@ def test_isoflop_method_overrides(tmp_path):
     isoflop.generate(config, ["replaid", "replaid"], [1e12], ["XS"], str(tmp_path))
 
 
+def test_isoflop_append_samples_other_sizes_per_budget(tmp_path):
+  isoflop = _load("isoflop")
+  config = os.path.join(REPO, "tests", "scaling_test_config.py")
+  out = str(tmp_path / "sweep")
+  first = isoflop.generate(config, ["replaid"], [1e12], ["XS", "S"], out)
+  both = isoflop.generate(config, ["replaid"], [1e12, 3e12], ["S"], out, append=True)
+  assert both[:2] == first  # the old runs are kept, in order, once
+  assert [(r["budget"], r["size"]) for r in both[2:]] == [(3e12, "S")]
+  with open(os.path.join(out, "sweep.json"), encoding="utf-8") as f:
+    assert json.load(f) == both
+  lines = (tmp_path / "sweep" / "commands.sh").read_text().splitlines()
+  assert sum(line.startswith("python launch/train.py") for line in lines) == 3
+  # The same name with a changed setup would mix two experiments under one label.
+  with pytest.raises(ValueError, match="another command"):
+    isoflop.generate(config, ["replaid"], [1e12], ["S"], out, extra=["train.batch_size=16"], append=True)
+  assert isoflop.read_sweep(out) == both
+  replaced = isoflop.generate(config, ["replaid"], [3e12], ["XS"], out)  # without append: a new sweep
+  assert isoflop.read_sweep(out) == replaced and len(replaced) == 1
+
+
+def test_isoflop_fit_window_stays_local():
+  # A bowl in ln N at small sizes, then a flat plateau the parabola cannot follow.
+  log_n = np.log([1e4, 3e4, 1e5, 3e5, 1e6, 3e6])
+  losses = [3.3, 3.0, 3.2, 4.7, 4.72, 4.71]
+  assert scaling.fit_window(losses, 0) == (0, 6)
+  assert scaling.fit_window(losses, 3) == (0, 3)
+  assert scaling.fit_window([5, 4, 3, 2, 1], 3) == (2, 5)  # clamped at the end
+  assert scaling.fit_window([5, 4, 3, 2, 1], 4) == (1, 5)
+  with pytest.raises(ValueError, match="at least 3"):
+    scaling.fit_window(losses, 2)
+  runs = [{"method": "m", "size": f"s{i}", "num_params": float(np.exp(x)), "budget": 1e12, "loss": y}
+          for i, (x, y) in enumerate(zip(log_n, losses))]
+  every = scaling.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]
+  local = scaling.analyze(runs, reference="m", window=3)["methods"]["m"]["budgets"][0]
+  assert local["fit_sizes"] == ["s0", "s1", "s2"] and every["fit_sizes"] == [f"s{i}" for i in range(6)]
+  assert local["isoflop_fit"]["valid"]
+  expected = scaling.isoflop_fit(log_n[:3], losses[:3])
+  assert local["isoflop_fit"]["n_opt"] == pytest.approx(expected["n_opt"])
+  assert 1e4 < local["isoflop_fit"]["n_opt"] < 1e5
+  assert not every["isoflop_fit"]["valid"] or abs(math.log(every["isoflop_fit"]["n_opt"] / 3e4)) > 1.0
+
+
 def test_run_sweep_skips_done_and_records_failures(tmp_path):
   run = _load("run")
   sweep = []

@@ -1,9 +1,11 @@
 """Fits the scaling laws of a finished (or partly finished) isoFLOP sweep.
 
-  python launch/sweeps/analyze.py --sweep=runs/isoflop [--reference=ar] [--out=runs/isoflop/analysis]
+  python launch/sweeps/analyze.py --sweep=runs/isoflop [--reference=ar] [--window=3] [--out=DIR]
 
 Reads DIR/sweep.json and each run's workdir/eval/final.json (nats_per_token,
-stderr); runs without one are listed as missing. Writes analysis.json (the
+stderr); runs without one are listed as missing. --window=K fits each
+budget's parabola to the K consecutive sizes around its best run (default:
+all sizes of the budget). Writes analysis.json (the
 isoFLOP optima, the laws L*(C) and N*(C) per method, the compute gap and
 parameter ratio of every method against the reference), tables.md,
 isoflop.png and laws.png to --out, and prints the tables.
@@ -49,11 +51,12 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = None) -> dict[str, Any]:
+def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = None,
+                  window: int = 0) -> dict[str, Any]:
   """Fits the laws of a sweep and writes analysis.json, tables.md and the plots to out_dir."""
   out_dir = out_dir or os.path.join(sweep_dir, "analysis")
   runs, missing = collect(sweep_dir)
-  result = scaling.analyze(runs, reference=reference)
+  result = scaling.analyze(runs, reference=reference, window=window)
   result["missing_runs"] = missing
   if missing:
     result["notes"].append(f"{len(missing)} run(s) without eval/final.json left out: {', '.join(missing)}")
@@ -73,6 +76,7 @@ def _define_flags():
   flags.DEFINE_string("sweep", None, "Sweep directory holding sweep.json.")
   flags.DEFINE_string("reference", "ar", "Method the others are compared with.")
   flags.DEFINE_string("out", None, "Output directory (default: SWEEP/analysis).")
+  flags.DEFINE_integer("window", 0, "Sizes per isoFLOP fit, centred on each budget's best run (0: all).")
   flags.mark_flags_as_required(["sweep"])
   return flags.FLAGS
 
@@ -81,7 +85,7 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   out_dir = FLAGS.out or os.path.join(FLAGS.sweep, "analysis")
-  result = analyze_sweep(FLAGS.sweep, FLAGS.reference, out_dir)
+  result = analyze_sweep(FLAGS.sweep, FLAGS.reference, out_dir, FLAGS.window)
   print(scaling.markdown_tables(result))
   print(f"wrote {', '.join(['analysis.json', 'tables.md'] + [os.path.basename(p) for p in result['plots']])} "
         f"to {out_dir}")

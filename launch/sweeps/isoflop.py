@@ -19,7 +19,12 @@ unique; OBJECTIVE becomes --config.objective; each KEY=VALUE becomes
 --extra (repeatable, applied to every run) instead.
 
 Writes DIR/sweep.json (the runs, each with its argv) and DIR/commands.sh, and
-prints a table. Run the sweep with launch/sweeps/run.py and fit the laws with
+prints a table. With --append the runs are added to DIR/sweep.json, so that
+each budget can sample its own sizes (those around its optimum):
+
+  python launch/sweeps/isoflop.py ... --budgets=1e15 --sizes=S1,S2,S3 --out=DIR
+  python launch/sweeps/isoflop.py ... --budgets=1e16 --sizes=S2,S3,S4 --out=DIR --append
+ Run the sweep with launch/sweeps/run.py and fit the laws with
 launch/sweeps/analyze.py.
 """
 
@@ -168,7 +173,7 @@ def _config_arg(path: str) -> str:
 
 def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float], sizes: Sequence[str], out: str,
              extra: Sequence[str] = (), vocab_size: int | None = None,
-             strict: bool = False) -> list[dict[str, Any]]:
+             strict: bool = False, append: bool = False) -> list[dict[str, Any]]:
   """Builds the runs of a sweep and writes out/sweep.json and out/commands.sh.
 
   Args:
@@ -180,9 +185,12 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
     extra: KEY=VALUE overrides applied to every run.
     vocab_size: vocabulary for the FLOP count; None reads it from the config.
     strict: raise when config_lib rejects a run's config (else a note on the run).
+    append: add the runs to out/sweep.json instead of replacing it, so one sweep
+      can sample different sizes at different budgets (as around each budget's
+      optimum). A run already listed must have the same command; it is kept once.
 
   Returns:
-    The runs written to sweep.json.
+    The runs written to sweep.json (with `append`, the old ones first).
   """
   module = load_config_module(config_path)
   specs = [parse_method(m) for m in methods]
@@ -232,6 +240,8 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
             "non_embedding_params": n, "tokens_per_param": tokens / n, "workdir": workdir, "command": command,
             "note": "; ".join(x for x in notes if x),
         })
+  if append:
+    runs = merge_runs(read_sweep(out), runs)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "sweep.json"), "w", encoding="utf-8") as f:
     json.dump(runs, f, indent=1)
@@ -243,6 +253,31 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
       f.write(shlex.join(run["command"]) + "\n")
   os.chmod(os.path.join(out, "commands.sh"), 0o755)
   return runs
+
+
+def read_sweep(out: str) -> list[dict[str, Any]]:
+  """The runs of out/sweep.json, or [] when there is none yet."""
+  path = os.path.join(out, "sweep.json")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def merge_runs(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """old + the runs of new not in old; a name in both must carry the same command."""
+  by_name = {r["name"]: r for r in old}
+  merged = list(old)
+  for r in new:
+    prev = by_name.get(r["name"])
+    if prev is None:
+      merged.append(r)
+      by_name[r["name"]] = r
+    elif prev["command"] != r["command"]:
+      raise ValueError(f"run {r['name']} is already in the sweep with another command:\n  {shlex.join(prev['command'])}"
+                       f"\nnow:\n  {shlex.join(r['command'])}\nUse a new --out (or another method NAME) for a "
+                       "changed setup.")
+  return merged
 
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
@@ -265,6 +300,7 @@ def _define_flags():
   flags.DEFINE_multi_string("extra", [], "KEY=VALUE config override applied to every run (repeatable).")
   flags.DEFINE_integer("vocab_size", None, "Vocabulary for the FLOP count (default: from the config).")
   flags.DEFINE_bool("strict", False, "Fail when config validation rejects a run (default: a note on the run).")
+  flags.DEFINE_bool("append", False, "Add the runs to an existing OUT/sweep.json instead of replacing it.")
   flags.mark_flags_as_required(["config", "budgets", "sizes", "out"])
   return flags.FLAGS
 
@@ -274,7 +310,7 @@ def main(argv):
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   f = FLAGS
   runs = generate(f.config, f.methods, [float(b) for b in f.budgets], f.sizes, f.out, f.extra, f.vocab_size,
-                  f.strict)
+                  f.strict, f.append)
   print(format_table(runs))
   print(f"\n{len(runs)} runs, {sum(r['train_flops'] for r in runs):.3g} training FLOPs in all; wrote "
         f"{os.path.join(os.path.abspath(f.out), 'sweep.json')} and commands.sh")
