@@ -11,7 +11,9 @@ from ml_collections import config_dict
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.objective = "replaid"  # "replaid" (continuous VDM on embeddings), "ar" (causal DiT, exact NLL) or "mdlm" (masked diffusion)
+  # "replaid" (continuous VDM on embeddings), "ar" (causal DiT, exact NLL), "mdlm" (masked diffusion) or "duo"
+  # (uniform-state discrete diffusion)
+  c.objective = "replaid"
   c.seed = 0  # seeds parameter init, time sampling, noise and data order
 
   # ---- model: the denoiser (DiT backbone) and its RePlaid input/output layers.

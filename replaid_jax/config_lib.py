@@ -19,7 +19,7 @@ from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
 from replaid_jax.sample import settings as sample_settings
 
-OBJECTIVES = ("replaid", "ar", "mdlm")  # replaid_jax.objectives.REGISTRY
+OBJECTIVES = ("replaid", "ar", "mdlm", "duo")  # replaid_jax.objectives.REGISTRY
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The AR and masked-diffusion baselines, the ablation switches and FLOP accounting, against independent numerics."""
+"""The AR, masked- and uniform-state-diffusion baselines, the ablation switches and FLOP accounting."""
 
 import dataclasses
 import json
@@ -19,6 +19,7 @@ from replaid_jax.eval import run as eval_run
 from replaid_jax.judges import perplexity
 from replaid_jax.objectives import ar as ar_lib
 from replaid_jax.objectives import base
+from replaid_jax.objectives import duo as duo_lib
 from replaid_jax.objectives import mdlm as mdlm_lib
 from replaid_jax.objectives import token_model
 from replaid_jax.train import loop
@@ -132,10 +133,136 @@ def _logits_at(obj, params, x, masks, t_grid):
   return np.asarray(logits, np.float64).reshape(len(t_grid), len(masks), x.size, -1)
 
 
+# ---- Duo: the uniform-state NELBO against brute force on a tiny vocabulary.
+
+
+def _all_states(vocab, seq_len):
+  return np.array(np.meshgrid(*[np.arange(vocab)] * seq_len, indexing="ij")).reshape(seq_len, -1).T.astype(np.int32)
+
+
+def _duo_probs(obj, params, states, t_grid):
+  """x_theta [T, S, L, V] (float64) at every (t, state)."""
+  z = np.tile(states, (len(t_grid), 1))
+  t_rows = np.repeat(t_grid, len(states)).astype(np.float32)
+  probs = jax.jit(obj.probs)(params, jnp.asarray(z), jnp.asarray(t_rows))
+  return np.asarray(probs, np.float64).reshape(len(t_grid), len(states), states.shape[1], -1)
+
+
+def _forward_marginal(x, states, alpha, vocab):
+  """q(z_t = state | x) [T, S] = prod_l (alpha [z_l = x_l] + (1 - alpha)/V)."""
+  per = alpha[:, None, None] * (states[None] == x[None, None]) + (1 - alpha[:, None, None]) / vocab
+  return per.prod(-1)
+
+
+def _duo_integrand(obj, params, x, states, t):
+  """The NELBO integrand E_{z_t} (1/L) sum_l w(t) sum_{k != z_l} [r log(r / r^theta) - r + r^theta] [T],
+  in float64 from the plain formula, with the exact sum over z_t; and the per-state values [T, S]."""
+  vocab = obj.c.model.vocab_size
+  alpha = 1 - t
+  probs = _duo_probs(obj, params, states, t)  # [T, S, L, V]
+  a = alpha[:, None, None, None]
+  xbar = np.broadcast_to(vocab * a * np.eye(vocab)[x][None, None] + (1 - a), probs.shape)
+  xbar_t = vocab * a * probs + (1 - a)
+  at_z = lambda v: np.take_along_axis(v, np.broadcast_to(states[None, :, :, None], v.shape[:3] + (1,)), -1)
+  r, r_t = xbar / at_z(xbar), xbar_t / at_z(xbar_t)
+  bracket = np.where(np.arange(vocab) == states[None, :, :, None], 0.0, r * np.log(r / r_t) - r + r_t).sum(-1)
+  per_state = bracket.mean(-1) / (vocab * alpha[:, None])
+  return (_forward_marginal(x, states, alpha, vocab) * per_state).sum(-1), per_state
+
+
+def _duo_discrete_elbo(obj, params, x, states, num_steps):
+  """The discrete-time ELBO with T steps: exact categorical KLs between q(z_s | z_t, x) and q(z_s | z_t, x_theta),
+  from Bayes' rule on the forward kernels (no continuous-time limit taken). No recon or prior term: z_0 = x and
+  q(z_1 | x) is the uniform prior."""
+  vocab = obj.c.model.vocab_size
+  t_i = np.arange(1, num_steps + 1) / num_steps
+  alpha_t, alpha_s = 1 - t_i, 1 - (t_i - 1.0 / num_steps)
+  probs = _duo_probs(obj, params, states, t_i)
+  a_ts = (alpha_t / alpha_s)[:, None, None, None]
+  a_s = alpha_s[:, None, None, None]
+  stay = a_ts * (np.arange(vocab) == states[None, :, :, None]) + (1 - a_ts) / vocab  # q(z_t | z_s = k)
+  q_post = stay * (a_s * np.eye(vocab)[x][None, None] + (1 - a_s) / vocab)
+  p_post = stay * (a_s * probs + (1 - a_s) / vocab)
+  q_post /= q_post.sum(-1, keepdims=True)
+  p_post /= p_post.sum(-1, keepdims=True)
+  kl = np.where(q_post > 0, q_post * np.log(np.where(q_post > 0, q_post, 1) / p_post), 0.0).sum(-1)  # [T, S, L]
+  return float((_forward_marginal(x, states, alpha_t, vocab) * kl.sum(-1)).sum() / x.size)
+
+
+def test_duo_nelbo_matches_brute_force_integral_and_discrete_kl_sum():
+  vocab = 3
+  model = dataclasses.replace(TINY_MODEL, vocab_size=vocab)
+  obj = duo_lib.Duo(base.Sections(model, TINY_DIFFUSION, "duo"))
+  params = _perturbed(obj, jax.random.key(4), scale=0.5)
+  x = np.array([2, 0, 1], np.int32)
+  seq_len = x.size
+  states = _all_states(vocab, seq_len)  # all 27 z_t
+
+  # The float32 implementation against the plain float64 formula, pointwise in (t, z_t), at times for which
+  # 1 - t is exact in float32.
+  for t in (2.0**-13, 0.3125, 0.96875):
+    _, per_state = _duo_integrand(obj, params, x, states, np.array([t]))
+    implemented = jax.jit(obj.elbo_terms)(params, jnp.asarray(np.broadcast_to(x, states.shape)), jnp.asarray(states),
+                                          jnp.full((len(states),), t, jnp.float32))
+    np.testing.assert_allclose(np.asarray(implemented), per_state[0], rtol=3e-4)
+
+  # (a) The continuous-time NELBO: Gauss-Legendre on panels refined towards t = 0, where the integrand has a
+  # log(1/t) singularity (a token resampled at small t carries r ~ V/t), and narrow panels over [0.1, 1],
+  # where the randomly perturbed network makes the integrand rough in t.
+  nodes, wts = np.polynomial.legendre.leggauss(64)
+  edges = [0.0] + [10.0**k for k in range(-8, -1)] + list(np.linspace(0.1, 1.0, 37))
+  integral = 0.0
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    t = lo + (hi - lo) * 0.5 * (nodes + 1)
+    integral += (hi - lo) * 0.5 * float((wts * _duo_integrand(obj, params, x, states, t)[0]).sum())
+
+  # (b) The discrete-time ELBO is looser and tends to the integral from above as T grows.
+  d_4k, d_16k = (_duo_discrete_elbo(obj, params, x, states, n) for n in (4000, 16000))
+
+  # (c) The estimator's draws: at a fixed t, z_t ~ corrupt() averages to the exact expectation over the 27 states.
+  # (Over t the integrand's log(1/t) singularity gives the Monte Carlo estimate a heavy tail, so the test fixes t;
+  # the time lattice t_k = (k + u)/K is uniform on [0, 1) by construction.)
+  tokens = jnp.asarray(np.broadcast_to(x, (8192, seq_len)))
+  for t in (0.0625, 0.5):
+    exact = float(_duo_integrand(obj, params, x, states, np.array([t]))[0][0])
+    t_b = jnp.full((tokens.shape[0],), t, jnp.float32)
+    draws = np.asarray(jax.jit(lambda k, t_b=t_b: obj.elbo_terms(params, tokens, obj.corrupt(k, tokens, t_b), t_b))(
+        jax.random.key(5)), np.float64)
+    mean, se = draws.mean(), draws.std(ddof=1) / np.sqrt(draws.size)
+    assert abs(mean - exact) < 4 * se and se < 0.05 * exact, (t, mean, se, exact)
+
+  assert integral > 0.5
+  assert d_4k > d_16k > integral, (d_4k, d_16k, integral)
+  assert (d_16k - integral) / integral < 0.015, (d_16k, integral)
+  assert (d_16k - integral) < 0.6 * (d_4k - integral)  # converging
+
+
+def test_duo_divergence_is_finite_and_exact_at_the_ends_of_time():
+  vocab = 5
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, vocab, (4, 6)), jnp.int32)
+  z = jnp.asarray(rng.integers(0, vocab, (4, 6)), jnp.int32)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(4, 6, vocab)), jnp.float32), -1)
+  # t -> 1 (alpha -> 0): the weight 1/(V alpha) diverges while the bracket vanishes like alpha^2; the term -> 0 linearly.
+  tiny = np.asarray(duo_lib._divergence(x, z, probs, jnp.full((4,), 1 - 1e-6)))  # pylint: disable=protected-access
+  small = np.asarray(duo_lib._divergence(x, z, probs, jnp.full((4,), 1 - 1e-3)))  # pylint: disable=protected-access
+  assert np.isfinite(tiny).all() and (tiny >= 0).all()
+  np.testing.assert_allclose(tiny, small * 1e-3, rtol=2e-2, atol=1e-9)
+  assert np.all(np.asarray(duo_lib._divergence(x, z, probs, jnp.ones((4,)))) == 0)  # pylint: disable=protected-access
+  # t = 0 (alpha = 1, z = x): the divergence is sum_{k != x} p_k / p_x / V, the 1/p analogue of -log p.
+  p = np.asarray(probs, np.float64)
+  p_x = np.take_along_axis(p, np.asarray(x)[..., None], -1)[..., 0]
+  at_zero = np.asarray(duo_lib._divergence(x, x, probs, jnp.zeros((4,))))  # pylint: disable=protected-access
+  np.testing.assert_allclose(at_zero, (1 - p_x) / p_x / vocab, rtol=1e-4)
+  z_ok = z.at[3].set(x[3])  # at t = 0 only z = x has probability under q
+  grads = jax.grad(lambda pr: jnp.sum(duo_lib._divergence(x, z_ok, pr, jnp.asarray([1.0, 1 - 1e-6, 0.5, 0.0]))))(probs)
+  assert np.isfinite(np.asarray(grads)).all()
+
+
 # ---- samplers.
 
 
-@pytest.mark.parametrize("name", ["ar", "mdlm"])
+@pytest.mark.parametrize("name", ["ar", "mdlm", "duo"])
 def test_baseline_samplers_reproduce_a_known_distribution_and_keep_known_tokens(name):
   model = dataclasses.replace(TINY_MODEL, vocab_size=4)
   obj = objectives.REGISTRY[name](base.Sections(model, TINY_DIFFUSION, name))
@@ -195,7 +322,7 @@ def test_plaid_block_and_wide_embeddings_train():
 # ---- FLOP accounting.
 
 
-@pytest.mark.parametrize("name", ["replaid", "ar", "mdlm"])
+@pytest.mark.parametrize("name", ["replaid", "ar", "mdlm", "duo"])
 def test_xla_forward_flops_agree_with_the_analytic_count(name):
   cd = demo.get_config()
   cd.objective = name
@@ -216,7 +343,7 @@ def test_xla_forward_flops_agree_with_the_analytic_count(name):
 def trained_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("objectives")
   finals = {}
-  for name in ("replaid", "ar", "mdlm"):
+  for name in ("replaid", "ar", "mdlm", "duo"):
     cd = tiny.get_config()
     cd.objective = name
     cd.train.num_steps = 3
@@ -228,14 +355,15 @@ def trained_runs(tmp_path_factory):
 def test_every_objective_trains_through_one_loop_with_one_result_schema(trained_runs):
   root, finals = trained_runs
   keys = {name: set(json.loads((root / name / "eval" / "final.json").read_text())) for name in finals}
-  assert keys["ar"] == keys["replaid"] == keys["mdlm"]
+  assert keys["ar"] == keys["replaid"] == keys["mdlm"] == keys["duo"]
   assert finals["ar"]["diffusion"] == 0 and finals["ar"]["recon"] > 0
-  assert finals["mdlm"]["recon"] == 0 and finals["mdlm"]["diffusion"] > 0
+  for name in ("mdlm", "duo"):
+    assert finals[name]["recon"] == 0 and finals[name]["diffusion"] > 0
   for name in finals:
     assert finals[name]["objective"] == name and np.isfinite(finals[name]["nats_per_token"])
   results = {name: eval_run.evaluate_checkpoint(str(root / name), overrides={"eval.max_batches": 1}, timing=False)
-             for name in ("replaid", "ar")}
-  assert set(results["ar"]) == set(results["replaid"])
+             for name in ("replaid", "ar", "duo")}
+  assert set(results["ar"]) == set(results["replaid"]) == set(results["duo"])
   assert results["ar"]["protocol"]["objective"] == "ar"
 
 

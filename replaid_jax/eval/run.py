@@ -358,8 +358,8 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
       seq_len=seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
       embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior,
       token_input=objective.token_input)
-  # Forward passes per sequence: RePlaid 2 (K + 1) (self-conditioned passes), masked diffusion K, AR 1.
-  passes = {"replaid": 2 * (k + 1), "mdlm": k, "ar": 1}[c.objective]
+  # Forward passes per sequence: RePlaid 2 (K + 1) (self-conditioned passes), discrete diffusion K, AR 1.
+  passes = objective.forward_passes(k)
   thr = {"seconds": seconds, "compile_seconds": compile_s, "batches": batches, "seconds_per_batch": seconds / batches,
          "tokens_per_s": res["num_tokens"] / seconds, "sequences_per_s": res["num_sequences"] / seconds,
          "analytic_flops_per_token": passes * fwd_flops / seq_len,

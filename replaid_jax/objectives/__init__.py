@@ -3,14 +3,16 @@
   replaid  continuous diffusion on learned embeddings (the method; default)
   ar       autoregressive: the same DiT with causal attention, exact NLL
   mdlm     masked (absorbing-state) discrete diffusion, NELBO evaluation
+  duo      uniform-state discrete diffusion (Duo's ELBO), NELBO training and evaluation
 """
 
 from replaid_jax.objectives import ar
 from replaid_jax.objectives import base
+from replaid_jax.objectives import duo
 from replaid_jax.objectives import mdlm
 from replaid_jax.objectives import replaid
 
-REGISTRY = {"replaid": replaid.RePlaid, "ar": ar.AR, "mdlm": mdlm.MDLM}
+REGISTRY = {"replaid": replaid.RePlaid, "ar": ar.AR, "mdlm": mdlm.MDLM, "duo": duo.Duo}
 Objective = base.Objective
 
 

@@ -50,6 +50,9 @@ class AR(base.Objective):
     per_row = jnp.mean(self.nll(params, tokens_BL), axis=-1)
     return base.zero_terms(per_row, recon=per_row)
 
+  def forward_passes(self, num_times: int) -> int:
+    return 1  # one causal pass gives every position's exact conditional
+
   def sample(self, params, key, *, num_samples, seq_len, num_steps=0, known_BL=None, known_mask_BL=None,
              temperature: float = 1.0):
     return base.jit_sample(self, params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,

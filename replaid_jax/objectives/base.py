@@ -7,7 +7,7 @@ and how text is sampled. Methods are pure functions of arrays (called under jit)
 
 Per-sequence terms use `elbo.Terms` (nats/token): RePlaid fills recon,
 diffusion and prior; the AR model puts its exact NLL in `recon`; masked
-diffusion puts its ELBO estimate in `diffusion`. Every eval JSON therefore has
+and uniform-state diffusion put their ELBO estimates in `diffusion`. Every eval JSON therefore has
 the same keys, and `recon + diffusion + prior` is always the reported bound.
 """
 
@@ -89,6 +89,10 @@ class Objective:
     return {}
 
   def sequence_bound(self, params: dict, tokens_BL: jax.Array, key: jax.Array, *, num_times: int) -> elbo.Terms:
+    raise NotImplementedError
+
+  def forward_passes(self, num_times: int) -> int:
+    """Network forward passes per sequence of `sequence_bound` with `num_times` draws."""
     raise NotImplementedError
 
   def sample(self, params: dict, key: jax.Array, *, num_samples: int, seq_len: int, num_steps: int,

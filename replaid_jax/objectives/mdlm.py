@@ -92,6 +92,9 @@ class MDLM(base.Objective):
     total, _ = jax.lax.scan(one_time, jnp.zeros((batch,), jnp.float32), jnp.arange(num_times))
     return base.zero_terms(total, diffusion=total / num_times)
 
+  def forward_passes(self, num_times: int) -> int:
+    return num_times
+
   def sample(self, params, key, *, num_samples, seq_len, num_steps=0, known_BL=None, known_mask_BL=None,
              temperature: float = 1.0):
     return base.jit_sample(self, params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,

@@ -96,6 +96,9 @@ class RePlaid(base.Objective):
     return elbo.sequence_bound(params, tokens_BL, key, num_times=num_times, model_cfg=self.c.model,
                                cfg=self.c.diffusion)
 
+  def forward_passes(self, num_times: int) -> int:
+    return 2 * (num_times + 1)  # a self-conditioning pass and the main pass per time, the recon row included
+
   def sample(self, params, key, *, num_samples, seq_len, num_steps, known_BL=None, known_mask_BL=None):
     if known_BL is not None:
       raise ValueError("conditional RePlaid sampling goes through launch/sample.py (guidance and clamping).")

@@ -118,15 +118,16 @@ def baseline_known(layout: prompts.Layout, objective: str, s) -> tuple[np.ndarra
   """(tokens, mask) [L] of the positions an AR or masked-diffusion sample is conditioned on.
 
   Masked diffusion conditions exactly on any known positions (prefix and suffix
-  start revealed); the AR model only on a prefix (teacher-forced).
+  start revealed); uniform-state diffusion holds them fixed while the rest is
+  denoised (a heuristic); the AR model conditions only on a prefix (teacher-forced).
   Word constraints and guidance belong to RePlaid's sampler.
   """
   if s.constraints or s.avoid:
     raise errors.ConfigError(f"sample.constraints and sample.avoid use RePlaid's gradient guidance; this checkpoint's "
                              f"objective is {objective!r}. Clear them.")
   if objective == "ar" and layout.suffix_start >= 0:
-    raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an mdlm "
-                             "or replaid checkpoint for infilling).")
+    raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an mdlm, "
+                             "duo or replaid checkpoint for infilling).")
   mask = np.zeros((layout.seq_len,), bool)
   mask[:layout.prefix_len] = True
   if layout.suffix_start >= 0:
