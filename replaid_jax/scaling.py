@@ -245,7 +245,8 @@ def param_ratio_at_loss(nlaw_ref: dict[str, Any], nlaw_method: dict[str, Any], l
           / evaluate_law(nlaw_method, invert_law(llaw_method, losses)))
 
 
-def _budget_key(budget: float) -> float:
+def budget_key(budget: float) -> float:
+  """A budget rounded to 6 significant digits, so that runs of one budget group together."""
   return float(f"{float(budget):.6g}")
 
 
@@ -255,7 +256,7 @@ def _group(runs: list[dict[str, Any]]) -> dict[str, dict[float, list[dict[str, A
     missing = [k for k in _RUN_KEYS if k not in run]
     if missing:
       raise ValueError(f"run {i} ({run.get('method')}, {run.get('size')}) lacks {missing}.")
-    groups[str(run["method"])][_budget_key(run["budget"])].append(run)
+    groups[str(run["method"])][budget_key(run["budget"])].append(run)
   return {m: {b: sorted(rs, key=lambda r: r["num_params"]) for b, rs in sorted(bs.items())}
           for m, bs in sorted(groups.items())}
 
@@ -476,7 +477,7 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: str) -> li
   os.makedirs(out_dir, exist_ok=True)
   groups = _group(runs) if runs else {}
   methods = sorted(set(groups) | set(result["methods"]))
-  all_budgets = sorted({_budget_key(e["budget"]) for m in result["methods"].values() for e in m["budgets"]}
+  all_budgets = sorted({budget_key(e["budget"]) for m in result["methods"].values() for e in m["budgets"]}
                        | {b for bs in groups.values() for b in bs})
   cmap = plt.get_cmap("viridis")
   colour = {b: cmap(i / max(len(all_budgets) - 1, 1) * 0.9) for i, b in enumerate(all_budgets)}
@@ -488,7 +489,7 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: str) -> li
   for ax in axes.ravel()[len(methods):]:
     ax.set_visible(False)
   for ax, method in zip(axes.ravel(), methods):
-    fits = {_budget_key(e["budget"]): e["isoflop_fit"] for e in result["methods"].get(method, {}).get("budgets", [])}
+    fits = {budget_key(e["budget"]): e["isoflop_fit"] for e in result["methods"].get(method, {}).get("budgets", [])}
     for budget in sorted(set(groups.get(method, {})) | set(fits)):
       col = colour[budget]
       rs = groups.get(method, {}).get(budget, [])

@@ -268,6 +268,20 @@ def test_isoflop_fit_window_stays_local():
   assert not every["isoflop_fit"]["valid"] or abs(math.log(every["isoflop_fit"]["n_opt"] / 3e4)) > 1.0
 
 
+def test_grid_table_marks_the_best_run_and_the_sizes_left_out_of_the_fit():
+  analyze = _load("analyze")
+  losses = {"XS": 3.3, "S": 3.0, "M": 3.2, "L": 4.7}
+  runs = [{"method": m, "size": size, "num_params": n, "budget": 1e12, "loss": losses[size] + d, "stderr": 0.01}
+          for m, d in (("ar", 0.0), ("mdlm", 0.5)) for n, size in ((1e4, "XS"), (3e4, "S"), (1e5, "M"), (3e5, "L"))]
+  runs = [r for r in runs if not (r["method"] == "mdlm" and r["size"] == "L")]
+  table = analyze.grid_table(runs, scaling.analyze(runs, reference="ar", window=3))
+  rows = [line.split(" | ") for line in table.splitlines()[2:]]
+  assert [r[1] for r in rows] == ["XS", "S", "M", "L"]
+  assert rows[1][3] == "**3.000 ± 0.010**" and rows[1][4] == "**3.500 ± 0.010** |"
+  assert rows[3][3] == "(4.700 ± 0.010)" and rows[3][4] == " |"  # outside ar's window; mdlm has no L run
+  assert rows[0][3] == "3.300 ± 0.010"
+
+
 def test_run_sweep_skips_done_and_records_failures(tmp_path):
   run = _load("run")
   sweep = []

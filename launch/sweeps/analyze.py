@@ -8,7 +8,8 @@ budget's parabola to the K consecutive sizes around its best run (default:
 all sizes of the budget). Writes analysis.json (the
 isoFLOP optima, the laws L*(C) and N*(C) per method, the compute gap and
 parameter ratio of every method against the reference), tables.md,
-isoflop.png and laws.png to --out, and prints the tables.
+runs.md (every run, long and as a budget x size grid), isoflop.png and laws.png
+to --out, and prints the tables.
 """
 
 import json
@@ -51,6 +52,44 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def grid_table(runs: list[dict[str, Any]], result: dict[str, Any] | None = None) -> str:
+  """Loss ± SE with budgets and sizes as rows and methods as columns; each budget's best run per method in bold,
+  and runs outside that budget's isoFLOP fit window in parentheses."""
+  methods = sorted({r["method"] for r in runs})
+  cell = {(r["method"], scaling.budget_key(r["budget"]), r["size"]): r for r in runs}
+  fitted = {}
+  for m, info in ((result or {}).get("methods") or {}).items():
+    for e in info["budgets"]:
+      fitted[(m, scaling.budget_key(e["budget"]))] = set(e.get("fit_sizes", e["sizes"]))
+  best = {}
+  for r in runs:
+    k = (r["method"], scaling.budget_key(r["budget"]))
+    if k not in best or r["loss"] < best[k]["loss"]:
+      best[k] = r
+  sizes = sorted({(r["num_params"], r["size"]) for r in runs})
+  lines = ["| budget (FLOPs) | size | N | " + " | ".join(methods) + " |", "|---" * (3 + len(methods)) + "|"]
+  for budget in sorted({scaling.budget_key(r["budget"]) for r in runs}):
+    first = True
+    for n, size in sizes:
+      row = [cell.get((m, budget, size)) for m in methods]
+      if not any(row):
+        continue
+      cells = []
+      for m, r in zip(methods, row):
+        if r is None:
+          cells.append("")
+          continue
+        text = f"{r['loss']:.3f} ± {r['stderr']:.3f}"
+        if best[(m, budget)] is r:
+          text = f"**{text}**"
+        if (m, budget) in fitted and size not in fitted[(m, budget)]:
+          text = f"({text})"
+        cells.append(text)
+      lines.append(f"| {f'{budget:.3g}' if first else ''} | {size} | {n:,} | " + " | ".join(cells) + " |")
+      first = False
+  return "\n".join(lines) + "\n"
+
+
 def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = None,
                   window: int = 0) -> dict[str, Any]:
   """Fits the laws of a sweep and writes analysis.json, tables.md and the plots to out_dir."""
@@ -67,7 +106,7 @@ def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = N
   with open(os.path.join(out_dir, "tables.md"), "w", encoding="utf-8") as f:
     f.write(scaling.markdown_tables(result))
   with open(os.path.join(out_dir, "runs.md"), "w", encoding="utf-8") as f:
-    f.write(runs_table(runs))
+    f.write(runs_table(runs) + "\n" + grid_table(runs, result))
   return result
 
 
