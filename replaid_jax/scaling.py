@@ -318,7 +318,22 @@ def fit_window(losses: Sequence[float], window: int) -> tuple[int, int]:
   return start, start + window
 
 
-def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0) -> dict[str, Any]:
+def flat_within_noise(losses: Sequence[float], stderrs: Sequence[float], z: float) -> str:
+  """Why a budget's losses cannot locate an optimum ('' when they can): the best and the worst fitted size
+  differ by less than z standard errors of their difference (every size is on a plateau, say)."""
+  y, se = np.asarray(losses, np.float64), np.asarray(stderrs, np.float64)
+  if z <= 0 or not np.all(np.isfinite(se)):
+    return ""
+  lo, hi = int(np.argmin(y)), int(np.argmax(y))
+  spread, noise = y[hi] - y[lo], math.hypot(se[hi], se[lo])
+  if spread >= z * noise:
+    return ""
+  return (f"flat within noise: the fitted sizes' losses span {spread:.3g}, under {z:g} SE of that difference "
+          f"({noise:.2g})")
+
+
+def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0,
+            min_z: float = 2.0) -> dict[str, Any]:
   """IsoFLOP optima, power laws and compute gaps of a sweep.
 
   Args:
@@ -329,6 +344,8 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0) 
       note, when absent).
     window: fit each budget's parabola to this many consecutive sizes around
       its best run (`fit_window`); 0 fits all sizes.
+    min_z: a budget whose fitted losses are `flat_within_noise` at this z
+      gives no optimum (0 turns the check off; runs without stderr skip it).
 
   Returns:
     A JSON-able dict (NaN written as None): `methods` (per method: `budgets`,
@@ -339,8 +356,8 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0) 
     `notes`.
   """
   groups = _group(runs)
-  result: dict[str, Any] = {"reference": reference, "window": int(window), "methods": {}, "comparisons": {},
-                            "notes": []}
+  result: dict[str, Any] = {"reference": reference, "window": int(window), "min_z": float(min_z), "methods": {},
+                            "comparisons": {}, "notes": []}
   for method, by_budget in groups.items():
     entries = []
     for rs in by_budget.values():
@@ -353,6 +370,9 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0) 
         lo, hi = fit_window(entry["losses"], window)
         entry["fit_sizes"] = entry["sizes"][lo:hi]
         entry["isoflop_fit"] = isoflop_fit(np.log(entry["num_params"][lo:hi]), entry["losses"][lo:hi])
+        flat = flat_within_noise(entry["losses"][lo:hi], entry["stderrs"][lo:hi], min_z)
+        if flat and entry["isoflop_fit"]["valid"]:
+          entry["isoflop_fit"].update(valid=False, reason=flat)
       except ValueError as e:
         entry["isoflop_fit"] = {"valid": False, "extrapolated": False, "reason": str(e)}
       entries.append(entry)

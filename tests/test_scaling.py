@@ -268,6 +268,17 @@ def test_isoflop_fit_window_stays_local():
   assert not every["isoflop_fit"]["valid"] or abs(math.log(every["isoflop_fit"]["n_opt"] / 3e4)) > 1.0
 
 
+def test_a_budget_flat_within_noise_gives_no_optimum():
+  runs = [{"method": "m", "size": f"s{i}", "num_params": n, "budget": 1e12, "loss": y, "stderr": 0.03}
+          for i, (n, y) in enumerate(((1e4, 4.73), (3e4, 4.72), (1e5, 4.75)))]
+  fit = scaling.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]
+  assert not fit["valid"] and fit["reason"].startswith("flat within noise") and fit["a"] > 0
+  assert scaling.analyze(runs, reference="m", min_z=0)["methods"]["m"]["budgets"][0]["isoflop_fit"]["valid"]
+  sharp = [dict(r, stderr=0.003) for r in runs]  # the same losses measured ten times more precisely
+  assert scaling.analyze(sharp, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]["valid"]
+  assert scaling.flat_within_noise([3.0, 2.0, 3.1], [float("nan")] * 3, 2.0) == ""  # no stderr: no check
+
+
 def test_grid_table_marks_the_best_run_and_the_sizes_left_out_of_the_fit():
   analyze = _load("analyze")
   losses = {"XS": 3.3, "S": 3.0, "M": 3.2, "L": 4.7}

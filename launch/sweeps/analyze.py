@@ -5,7 +5,8 @@
 Reads DIR/sweep.json and each run's workdir/eval/final.json (nats_per_token,
 stderr); runs without one are listed as missing. --window=K fits each
 budget's parabola to the K consecutive sizes around its best run (default:
-all sizes of the budget). Writes analysis.json (the
+all sizes of the budget); a budget whose fitted sizes' losses differ by less
+than --min_z standard errors (all on a plateau) gives no optimum. Writes analysis.json (the
 isoFLOP optima, the laws L*(C) and N*(C) per method, the compute gap and
 parameter ratio of every method against the reference), tables.md,
 runs.md (every run, long and as a budget x size grid), isoflop.png and laws.png
@@ -91,11 +92,11 @@ def grid_table(runs: list[dict[str, Any]], result: dict[str, Any] | None = None)
 
 
 def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = None,
-                  window: int = 0) -> dict[str, Any]:
+                  window: int = 0, min_z: float = 2.0) -> dict[str, Any]:
   """Fits the laws of a sweep and writes analysis.json, tables.md and the plots to out_dir."""
   out_dir = out_dir or os.path.join(sweep_dir, "analysis")
   runs, missing = collect(sweep_dir)
-  result = scaling.analyze(runs, reference=reference, window=window)
+  result = scaling.analyze(runs, reference=reference, window=window, min_z=min_z)
   result["missing_runs"] = missing
   if missing:
     result["notes"].append(f"{len(missing)} run(s) without eval/final.json left out: {', '.join(missing)}")
@@ -116,6 +117,8 @@ def _define_flags():
   flags.DEFINE_string("reference", "ar", "Method the others are compared with.")
   flags.DEFINE_string("out", None, "Output directory (default: SWEEP/analysis).")
   flags.DEFINE_integer("window", 0, "Sizes per isoFLOP fit, centred on each budget's best run (0: all).")
+  flags.DEFINE_float("min_z", 2.0, "A budget whose best and worst fitted sizes differ by under this many standard "
+                     "errors gives no optimum (0: off).")
   flags.mark_flags_as_required(["sweep"])
   return flags.FLAGS
 
@@ -124,7 +127,7 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   out_dir = FLAGS.out or os.path.join(FLAGS.sweep, "analysis")
-  result = analyze_sweep(FLAGS.sweep, FLAGS.reference, out_dir, FLAGS.window)
+  result = analyze_sweep(FLAGS.sweep, FLAGS.reference, out_dir, FLAGS.window, FLAGS.min_z)
   print(scaling.markdown_tables(result))
   print(f"wrote {', '.join(['analysis.json', 'tables.md'] + [os.path.basename(p) for p in result['plots']])} "
         f"to {out_dir}")
