@@ -332,6 +332,15 @@ def flat_within_noise(losses: Sequence[float], stderrs: Sequence[float], z: floa
           f"({noise:.2g})")
 
 
+def unbracketed(losses: Sequence[float], sizes: Sequence[str]) -> str:
+  """Why the fitted sizes do not bracket the optimum ('' when they do): the lowest loss is at an end."""
+  best = int(np.argmin(np.asarray(losses, np.float64)))
+  if 0 < best < len(losses) - 1:
+    return ""
+  end, fix = ("smallest", "smaller") if best == 0 else ("largest", "larger")
+  return f"not bracketed: the best run ({sizes[best]}) is the {end} size fitted; add {fix} models"
+
+
 def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0,
             min_z: float = 2.0) -> dict[str, Any]:
   """IsoFLOP optima, power laws and compute gaps of a sweep.
@@ -346,6 +355,8 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0,
       its best run (`fit_window`); 0 fits all sizes.
     min_z: a budget whose fitted losses are `flat_within_noise` at this z
       gives no optimum (0 turns the check off; runs without stderr skip it).
+      A budget whose best run is the smallest or largest size fitted gives
+      none either (`unbracketed`): the vertex would be an extrapolation.
 
   Returns:
     A JSON-able dict (NaN written as None): `methods` (per method: `budgets`,
@@ -370,9 +381,10 @@ def analyze(runs: list[dict[str, Any]], reference: str = "ar", window: int = 0,
         lo, hi = fit_window(entry["losses"], window)
         entry["fit_sizes"] = entry["sizes"][lo:hi]
         entry["isoflop_fit"] = isoflop_fit(np.log(entry["num_params"][lo:hi]), entry["losses"][lo:hi])
-        flat = flat_within_noise(entry["losses"][lo:hi], entry["stderrs"][lo:hi], min_z)
-        if flat and entry["isoflop_fit"]["valid"]:
-          entry["isoflop_fit"].update(valid=False, reason=flat)
+        why = (flat_within_noise(entry["losses"][lo:hi], entry["stderrs"][lo:hi], min_z)
+               or unbracketed(entry["losses"][lo:hi], entry["fit_sizes"]))
+        if why and entry["isoflop_fit"]["valid"]:
+          entry["isoflop_fit"].update(valid=False, reason=why)
       except ValueError as e:
         entry["isoflop_fit"] = {"valid": False, "extrapolated": False, "reason": str(e)}
       entries.append(entry)

@@ -279,6 +279,18 @@ def test_a_budget_flat_within_noise_gives_no_optimum():
   assert scaling.flat_within_noise([3.0, 2.0, 3.1], [float("nan")] * 3, 2.0) == ""  # no stderr: no check
 
 
+def test_an_optimum_at_the_edge_of_the_sampled_sizes_is_not_bracketed():
+  # Convex through the three points with its vertex between the first two, yet the best run is the smallest:
+  # nothing was sampled on the vertex's left.
+  runs = [{"method": "m", "size": s, "num_params": n, "budget": 1e12, "loss": y, "stderr": 0.01}
+          for s, n, y in (("a", 5e4, 3.385), ("b", 1.5e5, 3.544), ("c", 4.5e5, 4.564))]
+  fit = scaling.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]
+  assert 5e4 < fit["n_opt"] < 4.5e5 and not fit["valid"]
+  assert fit["reason"] == "not bracketed: the best run (a) is the smallest size fitted; add smaller models"
+  assert "largest" in scaling.unbracketed([3.0, 2.9, 2.8], ["a", "b", "c"])
+  assert scaling.unbracketed([3.0, 2.8, 2.9], ["a", "b", "c"]) == ""
+
+
 def test_grid_table_marks_the_best_run_and_the_sizes_left_out_of_the_fit():
   analyze = _load("analyze")
   losses = {"XS": 3.3, "S": 3.0, "M": 3.2, "L": 4.7}
