@@ -4,6 +4,8 @@
   ar       autoregressive: the same DiT with causal attention, exact NLL
   mdlm     masked (absorbing-state) discrete diffusion, NELBO evaluation
   duo      uniform-state discrete diffusion (Duo's ELBO), NELBO training and evaluation
+
+mdlm and duo share `discrete.DiscreteDiffusion` (time lattice, bound estimator, sampler plumbing).
 """
 
 from replaid_jax.objectives import ar

@@ -34,14 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from replaid_jax.objectives import base
-from replaid_jax.objectives import token_model
+from replaid_jax.objectives import discrete
 
 _SERIES_BELOW = 1e-3  # |e| under which h(e) / e uses its series
-
-
-def lattice_times(u: jax.Array, n: int) -> jax.Array:
-  """t_b = (b + u)/n in [0, 1) for u in [0, 1)."""
-  return jnp.minimum((jnp.arange(n, dtype=jnp.float32) + u) / n, 1.0 - 1e-7)
 
 
 def _h_over_e(e: jax.Array) -> jax.Array:
@@ -80,16 +75,12 @@ def _divergence(x_BL: jax.Array, z_BL: jax.Array, probs_BLV: jax.Array, t_B: jax
 
 
 @dataclasses.dataclass(frozen=True)
-class Duo(base.Objective):
+class Duo(discrete.DiscreteDiffusion):
   name = "duo"
-  token_input = True
 
-  def init(self, key, output_bias):
-    return token_model.init(key, self.c.model, output_bias, causal=False)
-
-  def setup(self, state, batch, key):
-    u = jax.random.uniform(key, (), jnp.float32)
-    return base.RowSetup(lattice_times(u, batch), jnp.asarray(batch, jnp.float32))
+  def time_of(self, f):
+    """t = f in [0, 1), kept below 1 in float32 (where alpha_t = 0 and the weight 1/(V alpha_t) is infinite)."""
+    return jnp.minimum(f, 1.0 - 1e-7)
 
   def corrupt(self, key: jax.Array, tokens_BL: jax.Array, t_B: jax.Array) -> jax.Array:
     """z_t ~ q(z_t | x): keep each token with probability 1 - t, else draw one uniformly (possibly itself)."""
@@ -99,12 +90,15 @@ class Duo(base.Objective):
     return jnp.where(keep, tokens_BL, uniform).astype(jnp.int32)
 
   def probs(self, params, z_BL, t_B):
-    return jax.nn.softmax(token_model.logits(params, z_BL, t_B, self.c.model, causal=False), axis=-1)
+    return jax.nn.softmax(self.logits(params, z_BL, t_B), axis=-1)
 
   def elbo_terms(self, params, tokens_BL, z_BL, t_B):
     """The NELBO integrand per row (nats/token) at given (t, z_t)."""
     div = _divergence(tokens_BL, z_BL, self.probs(params, z_BL, t_B), t_B)
     return jnp.mean(div, axis=-1)
+
+  def draw_terms(self, params, tokens_BL, t_B, key):
+    return self.elbo_terms(params, tokens_BL, self.corrupt(key, tokens_BL, t_B), t_B)
 
   def loss_and_grads(self, params, tokens_BL, setup, key):
     z = self.corrupt(key, tokens_BL, setup.t)
@@ -115,30 +109,6 @@ class Duo(base.Objective):
 
     (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, base.zero_terms(per_row, diffusion=jax.lax.stop_gradient(per_row)), grads
-
-  def metrics(self, terms, setup, params):
-    return {"nelbo": jnp.sum(terms.diffusion) / setup.n_rows}
-
-  def sequence_bound(self, params, tokens_BL, key, *, num_times):
-    batch = tokens_BL.shape[0]
-    k_u, k_z = jax.random.split(key)
-    u_B = jax.random.uniform(k_u, (batch,), jnp.float32)
-
-    def one_time(total, k):
-      t_B = jnp.minimum((k + u_B) / num_times, 1.0 - 1e-7)
-      z = self.corrupt(jax.random.fold_in(k_z, k), tokens_BL, t_B)
-      return total + self.elbo_terms(params, tokens_BL, z, t_B), None
-
-    total, _ = jax.lax.scan(one_time, jnp.zeros((batch,), jnp.float32), jnp.arange(num_times))
-    return base.zero_terms(total, diffusion=total / num_times)
-
-  def forward_passes(self, num_times: int) -> int:
-    return num_times
-
-  def sample(self, params, key, *, num_samples, seq_len, num_steps=0, known_BL=None, known_mask_BL=None,
-             temperature: float = 1.0):
-    return base.jit_sample(self, params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,
-                           known_BL=known_BL, known_mask_BL=known_mask_BL, temperature=temperature)
 
   def sample_traced(self, params, key, *, num_samples, seq_len, num_steps, known_BL=None, known_mask_BL=None,
                     temperature: float = 1.0):
@@ -165,7 +135,7 @@ class Duo(base.Objective):
       alpha_t, alpha_s = 1.0 - t, 1.0 - s
       alpha_ts = alpha_t / alpha_s
       t_B = jnp.full((num_samples,), t, jnp.float32)
-      x_theta = jax.nn.softmax(token_model.logits(params, z_BL, t_B, self.c.model, causal=False) / temperature, -1)
+      x_theta = jax.nn.softmax(self.logits(params, z_BL, t_B) / temperature, -1)
       stay = alpha_ts * jax.nn.one_hot(z_BL, vocab, dtype=jnp.float32) + (1.0 - alpha_ts) / vocab
       post = stay * (alpha_s * x_theta + (1.0 - alpha_s) / vocab)
       ks = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
@@ -173,10 +143,6 @@ class Duo(base.Objective):
       return jnp.where(known_mask_BL, known_BL, draw).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, num_steps, body, z0)
-
-  def forward(self, params, tokens_BL, *, unroll=False):
-    t = jnp.full((tokens_BL.shape[0],), 0.5, jnp.float32)
-    return token_model.logits(params, tokens_BL, t, self.c.model, causal=False, unroll=unroll)
 
   def bound_protocol(self, num_times):
     return {"num_times": num_times,

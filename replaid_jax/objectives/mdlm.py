@@ -23,42 +23,37 @@ import jax
 import jax.numpy as jnp
 
 from replaid_jax.objectives import base
+from replaid_jax.objectives import discrete
 from replaid_jax.objectives import token_model
 
 TRAIN_LOSSES = ("low_var", "elbo")
 
 
-def lattice_times(u: jax.Array, n: int) -> jax.Array:
-  """t_b = 1 - (b + u)/n in (0, 1] for u in [0, 1)."""
-  return 1.0 - (jnp.arange(n, dtype=jnp.float32) + u) / n
-
-
 @dataclasses.dataclass(frozen=True)
-class MDLM(base.Objective):
+class MDLM(discrete.DiscreteDiffusion):
   name = "mdlm"
-  token_input = True
 
   @property
   def mask_id(self) -> int:
     return token_model.extra_id(self.c.model.vocab_size)
 
-  def init(self, key, output_bias):
-    return token_model.init(key, self.c.model, output_bias, causal=False)
-
-  def setup(self, state, batch, key):
-    u = jax.random.uniform(key, (), jnp.float32)
-    return base.RowSetup(lattice_times(u, batch), jnp.asarray(batch, jnp.float32))
+  def time_of(self, f):
+    """t = 1 - f in (0, 1]."""
+    return 1.0 - f
 
   def masked_ce(self, params, tokens_BL, t_B, mask_BL):
     """-log p(x_l | z_t) at every position [B, L] (only masked positions are meaningful)."""
     z = jnp.where(mask_BL, self.mask_id, tokens_BL)
-    logits = token_model.logits(params, z, t_B, self.c.model, causal=False)
-    return token_model.token_nll(logits, tokens_BL)
+    return token_model.token_nll(self.logits(params, z, t_B), tokens_BL)
 
   def elbo_terms(self, params, tokens_BL, t_B, mask_BL):
     """The NELBO integrand per row at given (t, mask): (1/t)(1/L) sum over masked positions of the CE."""
     ce = self.masked_ce(params, tokens_BL, t_B, mask_BL)
     return jnp.sum(jnp.where(mask_BL, ce, 0.0), axis=-1) / (tokens_BL.shape[1] * t_B), ce
+
+  def draw_terms(self, params, tokens_BL, t_B, key):
+    mask = jax.random.uniform(key, tokens_BL.shape) < t_B[:, None]
+    return self.elbo_terms(params, tokens_BL, t_B, mask)[0]
 
   def loss_and_grads(self, params, tokens_BL, setup, key):
     t_B = setup.t
@@ -76,32 +71,8 @@ class MDLM(base.Objective):
     (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, base.zero_terms(per_row, diffusion=jax.lax.stop_gradient(per_row)), grads
 
-  def metrics(self, terms, setup, params):
-    return {"nelbo": jnp.sum(terms.diffusion) / setup.n_rows}
-
-  def sequence_bound(self, params, tokens_BL, key, *, num_times):
-    batch = tokens_BL.shape[0]
-    k_u, k_mask = jax.random.split(key)
-    u_B = jax.random.uniform(k_u, (batch,), jnp.float32)
-
-    def one_time(total, k):
-      t_B = 1.0 - (k + u_B) / num_times
-      mask = jax.random.uniform(jax.random.fold_in(k_mask, k), tokens_BL.shape) < t_B[:, None]
-      return total + self.elbo_terms(params, tokens_BL, t_B, mask)[0], None
-
-    total, _ = jax.lax.scan(one_time, jnp.zeros((batch,), jnp.float32), jnp.arange(num_times))
-    return base.zero_terms(total, diffusion=total / num_times)
-
-  def forward_passes(self, num_times: int) -> int:
-    return num_times
-
-  def sample(self, params, key, *, num_samples, seq_len, num_steps=0, known_BL=None, known_mask_BL=None,
-             temperature: float = 1.0):
-    return base.jit_sample(self, params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,
-                           known_BL=known_BL, known_mask_BL=known_mask_BL, temperature=temperature)
-
   def sample_traced(self, params, key, *, num_samples, seq_len, num_steps, known_BL=None, known_mask_BL=None,
-             temperature: float = 1.0):
+                    temperature: float = 1.0):
     """Ancestral sampling on the uniform grid t_i = i/T, from all-[MASK] at t = 1 to t = 0.
 
     From t to s < t a masked position is revealed with probability (t - s)/t,
@@ -120,7 +91,7 @@ class MDLM(base.Objective):
       t = step / num_steps
       s = (step - 1) / num_steps
       t_B = jnp.full((num_samples,), t, jnp.float32)
-      logits = token_model.logits(params, z_BL, t_B, self.c.model, causal=False) / temperature
+      logits = self.logits(params, z_BL, t_B) / temperature
       ks = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(keys)
       draw = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(ks[:, 0], logits)
       reveal = jax.vmap(lambda k: jax.random.uniform(k, (seq_len,)))(ks[:, 1]) < (t - s) / t
@@ -128,10 +99,6 @@ class MDLM(base.Objective):
       return jnp.where(masked & reveal, draw, z_BL).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, num_steps, body, z0)
-
-  def forward(self, params, tokens_BL, *, unroll=False):
-    t = jnp.full((tokens_BL.shape[0],), 0.5, jnp.float32)
-    return token_model.logits(params, tokens_BL, t, self.c.model, causal=False, unroll=unroll)
 
   def bound_protocol(self, num_times):
     return {"num_times": num_times, "estimator": "continuous-time masked-diffusion NELBO, (1/t) x masked-token CE",
