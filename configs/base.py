@@ -11,9 +11,7 @@ from ml_collections import config_dict
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # "replaid" (continuous VDM on embeddings), "ar" (causal DiT, exact NLL), "mdlm" (masked diffusion) or "duo"
-  # (uniform-state discrete diffusion)
-  c.objective = "replaid"
+  c.objective = "replaid"  # "replaid" (VDM on embeddings), "ar" (causal, exact NLL), "mdlm" (masked) or "duo" (uniform)
   c.seed = 0  # seeds parameter init, time sampling, noise and data order
 
   # ---- model: the denoiser (DiT backbone) and its RePlaid input/output layers.
