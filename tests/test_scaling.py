@@ -326,7 +326,9 @@ def test_run_sweep_skips_done_and_records_failures(tmp_path):
   assert not (tmp_path / "logs" / "done.log").exists()
   assert json.loads((tmp_path / "status.json").read_text())["bad"]["status"] == "failed"
   again = run.run_sweep(str(tmp_path), parallel=1, poll_s=0.05)  # resumes: only the failed run is retried
-  assert again["ok"]["note"] == "final.json exists" and again["bad"]["status"] == "failed"
+  assert again["bad"]["status"] == "failed"
+  assert again["ok"] == status["ok"] and again["ok"]["seconds"] > 0  # a finished run keeps its record
+  assert again["done"]["note"] == "final.json exists"
 
 
 def test_analyze_script_end_to_end(tmp_path):

@@ -78,7 +78,8 @@ def run_sweep(sweep_dir: str, parallel: int = 1, only: str = "", poll_s: float =
   pending = []
   for r in runs:
     if os.path.exists(final_path(r)):
-      status.set(r["name"], status="done", note="final.json exists")
+      if status.entries.get(r["name"], {}).get("status") != "done":  # keep a finished run's record (its seconds)
+        status.set(r["name"], status="done", note="final.json exists")
     else:
       pending.append(r)
   total = len(pending)
