@@ -412,6 +412,11 @@ def test_end_to_end_through_the_eval_binary(run_copy):
   assert res["bits_per_token"] == pytest.approx(res["nats_per_token"] / math.log(2))
   assert res["perplexity_bound"] == pytest.approx(math.exp(res["nats_per_token"]))
   assert res["recon"] + res["diffusion"] + res["prior"] == pytest.approx(res["nats_per_token"])
+  per = np.load(out / res["per_sequence_file"])  # each sequence's bound, for paired comparisons
+  assert res["per_sequence_file"] == "validation_validation_step4_per_sequence.npy"
+  assert per.shape == (res["num_sequences"],) and per.mean() == pytest.approx(res["nats_per_token"], rel=1e-9)
+  assert per.std(ddof=1) / math.sqrt(per.size) == pytest.approx(res["stderr"], rel=1e-9)
+  assert len(p["tokens_sha256"]) == 64
   thr = res["throughput"]
   assert thr["tokens_per_s"] > 0 and thr["ideal_ratio_to_selfcond_forward"] == 9
   assert res["curves"]["summary"]["ce_linear_fit"]["r2"] <= 1.0 and len(res["curves"]["t"]) == 5

@@ -380,6 +380,46 @@ def test_compare_ranks_runs_at_equal_compute_with_errors_of_the_difference(tmp_p
   assert "| frozenemb | 4.6000 ± 0.0200 | +0.6000 ± 0.0361 | +16.6 |" in compare.markdown(result)
 
 
+def test_paired_comparison_uses_per_sequence_differences(tmp_path):
+  compare = _load("compare")
+  rng = np.random.default_rng(0)
+  difficulty = rng.normal(4.0, 0.5, 400)  # what the sequences share: most of the variance
+  sweep = []
+  for method, shift in (("replaid", 0.0), ("nosc", 0.05), ("frozenemb", 0.2)):
+    workdir = tmp_path / method
+    os.makedirs(workdir / "eval")
+    per = difficulty + shift + rng.normal(0, 0.05, difficulty.size)
+    (workdir / "eval" / "final.json").write_text(json.dumps({"nats_per_token": 9.0, "stderr": 1.0, "step": 7}))
+    np.save(workdir / "eval" / "validation_validation_step7_per_sequence.npy", per)
+    protocol = {"complete": True, "tokens_sha256": "ab" * 32, "key": "fold_in(key(seed), 5)", "seed": 0}
+    (workdir / "eval" / "validation_validation_step7.json").write_text(json.dumps(
+        {"split": "validation", "per_sequence_file": "validation_validation_step7_per_sequence.npy",
+         "protocol": protocol}))
+    sweep.append({"name": method, "method": method, "size": "S", "budget": 1e12, "non_embedding_params": 1000,
+                  "workdir": str(workdir)})
+  (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+  paired = compare.compare([str(tmp_path)], budget=1e12, size="S", reference="replaid", paired=True)
+  rows = {r["method"]: r for r in paired["rows"]}
+  ref = np.load(tmp_path / "replaid" / "eval" / "validation_validation_step7_per_sequence.npy")
+  nosc = np.load(tmp_path / "nosc" / "eval" / "validation_validation_step7_per_sequence.npy")
+  assert rows["replaid"]["loss"] == pytest.approx(ref.mean())  # the eval binary's numbers, not final.json's
+  assert rows["nosc"]["diff_to_reference"] == pytest.approx((nosc - ref).mean())
+  assert rows["nosc"]["diff_stderr"] == pytest.approx((nosc - ref).std(ddof=1) / math.sqrt(ref.size))
+  unpaired_se = math.hypot(rows["nosc"]["stderr"], rows["replaid"]["stderr"])
+  assert rows["nosc"]["diff_stderr"] < 0.2 * unpaired_se and rows["nosc"]["z"] > 5  # 0.05 resolved only when paired
+  assert "paired over the same 400 sequences" in compare.markdown(paired)
+  # Results on different tokens cannot be paired; a run without a per-sequence result names the command to run.
+  path = tmp_path / "nosc" / "eval" / "validation_validation_step7.json"
+  res = json.loads(path.read_text())
+  res["protocol"]["tokens_sha256"] = "cd" * 32
+  path.write_text(json.dumps(res))
+  with pytest.raises(SystemExit, match="same tokens"):
+    compare.compare([str(tmp_path)], budget=1e12, size="S", reference="replaid", paired=True)
+  os.remove(path)
+  with pytest.raises(SystemExit, match="launch/eval.py --workdir="):
+    compare.compare([str(tmp_path)], budget=1e12, size="S", reference="replaid", paired=True)
+
+
 def test_best_run_gaps_invert_the_reference_law():
   ref_law = {"A": 10.0, "alpha": -0.1, "E": 0.0}
   info = {"budgets": [{"budget": 1e12, "sizes": ["a", "b"], "losses": [3.0, 2.5]}]}

@@ -39,7 +39,7 @@ def collect(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
       final = json.load(f)
     runs.append({"name": r["name"], "method": r["method"], "size": r["size"],
                  "num_params": int(r["non_embedding_params"]), "budget": float(r["budget"]),
-                 "num_steps": r.get("num_steps"),
+                 "num_steps": r.get("num_steps"), "workdir": r["workdir"], "step": final.get("step"),
                  "loss": float(final["nats_per_token"]), "stderr": float(final.get("stderr", float("nan")))})
   return runs, missing
 

@@ -16,13 +16,16 @@
      self-conditioning on every pass), its mean, standard error and 95% interval,
      and the throughput of the computation against one forward pass;
   6. writes <output_dir>/<dataset>_<split>_step<N>.json (with the protocol),
-     TensorBoard scalars and a one-line summary; optionally curves and geometry.
+     each sequence's bound to ..._step<N>_per_sequence.npy (for paired
+     comparisons between checkpoints), TensorBoard scalars and a one-line
+     summary; optionally curves and geometry.
 `watch(...)` evaluates each new checkpoint once.
 """
 
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -248,6 +251,11 @@ def result_path(workdir: str, step: int, dataset: str, split: str, output_dir: s
   return os.path.join(output_dir_for(workdir, output_dir), f"{name}_{split}_step{step}{quick}.json")
 
 
+def per_sequence_path(result_json: str) -> str:
+  """Where the per-sequence bounds of a results file go: the same name, `_per_sequence.npy` for `.json`."""
+  return os.path.splitext(result_json)[0] + "_per_sequence.npy"
+
+
 def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str = "validation",
                         overrides: dict[str, Any] | None = None, output_dir: str | None = None,
                         analyses: tuple[str, ...] = ("bound",), timing: bool = True,
@@ -309,6 +317,13 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
                    prefix="geometry/", console=False)
     result["seconds_total"] = time.time() - t_start
     path = result_path(workdir, step, dataset, c.eval.split, output_dir, c.eval.max_batches)
+    per_sequence = result.pop("per_sequence", None)
+    if per_sequence is not None:
+      # Each sequence's bound (nats/token), in evaluation order: two checkpoints evaluated on the same tokens
+      # (protocol.tokens_sha256) with the same key can be compared per sequence (launch/sweeps/compare.py).
+      result["per_sequence_file"] = os.path.basename(per_sequence_path(path))
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      np.save(per_sequence_path(path), per_sequence)
     result["path"] = writer.write_json(os.path.basename(path), result)
   finally:
     writer.close()
@@ -335,8 +350,9 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
   n = evalset.tokens.shape[0]
   total_batches = math.ceil(n / b)
   t0 = time.time()
-  res, _ = bound_report(compiled, params, evalset.tokens, key, batch_size=b, max_batches=c.eval.max_batches, put=put,
-                        progress=_ProgressLog(f"bound {label}", b * seq_len))
+  res, per = bound_report(compiled, params, evalset.tokens, key, batch_size=b, max_batches=c.eval.max_batches,
+                          put=put, progress=_ProgressLog(f"bound {label}", b * seq_len))
+  res["per_sequence"] = per["total"]  # written next to the JSON by evaluate_checkpoint
   seconds = time.time() - t0
   batches = min(total_batches, c.eval.max_batches) if c.eval.max_batches else total_batches
   res["num_times"] = k
@@ -347,6 +363,8 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
       "batch_size": b, "seed": c.seed, "key": f"fold_in(key(seed), {_EVAL_SALT})",
       "num_sequences_available": n, "num_sequences": res["num_sequences"], "num_tokens": res["num_tokens"],
       "max_batches": c.eval.max_batches, "complete": res["num_sequences"] == n,
+      "tokens_sha256": hashlib.sha256(np.ascontiguousarray(evalset.tokens[:res["num_sequences"]],
+                                                           np.int32).tobytes()).hexdigest(),
   })
   if protocol.get("words_per_token"):
     res["word_perplexity_bound"] = math.exp(res["nats_per_token"] / protocol["words_per_token"])
