@@ -1,13 +1,22 @@
 """The miniature scaling study that runs on a 2-core CPU: tiny DiTs on the embedded Shakespeare corpus.
 
 One row of the size table per config (configs/scaling_mini.py:SIZE); the
-objective and the step count come from the sweep generator:
+objective and the step count come from the sweep generator. The README's
+reproduction (each budget samples the sizes around its optimum, added with
+--append):
 
   python launch/export_tokens.py --config=configs/scaling_mini.py:text --out=runs/mini_tokens
-  python launch/sweeps/isoflop.py --config=configs/scaling_mini.py --methods=replaid,ar,mdlm \
-      --budgets=5e11,1.5e12,4.5e12 --sizes=XXS,XS,S --out=runs/mini_sweep
+  G="python launch/sweeps/isoflop.py --config=configs/scaling_mini.py --out=runs/mini_sweep"
+  $G --methods=replaid,ar,mdlm --budgets=7.5e11,2.25e12,6.75e12 --sizes=XXS,XS,S,M
+  $G --append --methods=replaid,ar,mdlm --budgets=7.5e11 --sizes=XXXS
+  $G --append --methods=replaid,mdlm --budgets=2.25e12 --sizes=XXXS
+  $G --append --methods=replaid --budgets=6.75e12 --sizes=XXXS
+  $G --append --methods=replaid --budgets=2e13 --sizes=XXXS,XXS,XS,S
+  $G --append --methods=ar --budgets=8.3e10,2.5e11 --sizes=XXXS,XXS,XS
+  $G --append --methods=duo --budgets=7.5e11,2.25e12 --sizes=XXXS,XXS,XS
+  $G --append --methods=duo --budgets=6.75e12 --sizes=XXS,XS,S
   python launch/sweeps/run.py --sweep=runs/mini_sweep --parallel=2
-  python launch/sweeps/analyze.py --sweep=runs/mini_sweep
+  python launch/sweeps/analyze.py --sweep=runs/mini_sweep --window=3
 
 Every method shares the data (SentencePiece 512, L = 64), batch, optimizer and
 schedule; the final evaluation covers 512 held-out sequences (K = 3 times per
