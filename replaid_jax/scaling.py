@@ -475,10 +475,15 @@ def markdown_tables(result: dict[str, Any]) -> str:
         lines.append(f"| {method} | {comp['note']} | – | – | – | – |")
         continue
       m = comp["gap_at_matched_loss"]
-      lines.append(f"| {method} | {_fmt(m['gap'], '.3g')}x | {_fmt(m['gap_min'], '.3g')}–{_fmt(m['gap_max'], '.3g')} "
-                   f"| {_fmt(m['loss_lo'], '.4f')}–{_fmt(m['loss_hi'], '.4f')} | "
-                   f"{_fmt(comp['param_ratio_at_budget']['geomean'], '.3g')}x | "
-                   f"{_fmt(comp['param_ratio_at_matched_loss'], '.3g')}x |")
+      times = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{_fmt(v, '.3g')}x"
+      if m["gap"] is None or (isinstance(m["gap"], float) and math.isnan(m["gap"])):
+        at_optima = ", ".join(times(g) for g in comp["gap_at_method_optima"]["gap"])
+        gap, span, overlap = f"no loss overlap; at {method}'s optima {at_optima} (extrapolated)", "–", "–"
+      else:
+        gap, span = times(m["gap"]), f"{_fmt(m['gap_min'], '.3g')}–{_fmt(m['gap_max'], '.3g')}"
+        overlap = f"{_fmt(m['loss_lo'], '.4f')}–{_fmt(m['loss_hi'], '.4f')}"
+      lines.append(f"| {method} | {gap} | {span} | {overlap} | {times(comp['param_ratio_at_budget']['geomean'])} | "
+                   f"{times(comp['param_ratio_at_matched_loss'])} |")
   else:
     lines.append("No comparisons.")
   if result.get("best_run_gaps"):
