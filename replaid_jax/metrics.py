@@ -68,6 +68,16 @@ class MetricWriter:
       os.replace(tmp, path)
     return path
 
+  def write_array(self, name: str, array: np.ndarray) -> str:
+    """Writes array to <dir>/<name> (.npy) atomically; returns the path."""
+    path = os.path.join(self.directory, name)
+    if self.enabled:
+      tmp = path + ".tmp"
+      with open(tmp, "wb") as f:
+        np.save(f, np.asarray(array))
+      os.replace(tmp, path)
+    return path
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()

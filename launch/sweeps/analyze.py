@@ -6,7 +6,8 @@ Reads DIR/sweep.json and each run's workdir/eval/final.json (nats_per_token,
 stderr); runs without one are listed as missing. --window=K fits each
 budget's parabola to the K consecutive sizes around its best run (default:
 all sizes of the budget); a budget whose fitted sizes' losses differ by less
-than --min_z standard errors (all on a plateau) gives no optimum. Writes analysis.json (the
+than --min_z standard errors (all on a plateau), or whose best run is the
+smallest or largest size fitted, gives no optimum. Writes analysis.json (the
 isoFLOP optima, the laws L*(C) and N*(C) per method, the compute gap and
 parameter ratio of every method against the reference), tables.md,
 runs.md (every run, long and as a budget x size grid), isoflop.png and laws.png

@@ -24,7 +24,8 @@ each budget can sample its own sizes (those around its optimum):
 
   python launch/sweeps/isoflop.py ... --budgets=1e15 --sizes=S1,S2,S3 --out=DIR
   python launch/sweeps/isoflop.py ... --budgets=1e16 --sizes=S2,S3,S4 --out=DIR --append
- Run the sweep with launch/sweeps/run.py and fit the laws with
+
+Run the sweep with launch/sweeps/run.py and fit the laws with
 launch/sweeps/analyze.py.
 """
 

@@ -322,8 +322,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
       # Each sequence's bound (nats/token), in evaluation order: two checkpoints evaluated on the same tokens
       # (protocol.tokens_sha256) with the same key can be compared per sequence (launch/sweeps/compare.py).
       result["per_sequence_file"] = os.path.basename(per_sequence_path(path))
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      np.save(per_sequence_path(path), per_sequence)
+      writer.write_array(result["per_sequence_file"], per_sequence)
     result["path"] = writer.write_json(os.path.basename(path), result)
   finally:
     writer.close()
