@@ -33,6 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.schedule_hidden = 1024  # hidden units of the monotone noise-schedule MLP
   m.remat = False  # rematerialise each block in the backward pass
   m.remat_policy = "full"  # what remat keeps: "full" (block inputs only), "dots" (matmul outputs), "dots_no_batch"
+  m.head_init_scale = 0.0  # output projection init: 0 (zeros, DiT) or N(0, (scale/sqrt(width))^2)
+  m.gate_init = 0.0  # initial adaLN residual gates: 0 (adaLN-Zero) or a constant
+  m.input_posterior = False  # also feed each position's own-z token posterior, embedded by a V x D table, to h_0
   m.block = "dit"  # "dit" (adaLN-Zero, LayerNorm, MLP biases) or "plaid" (the original Plaid block, ablation)
 
   # ---- diffusion: the ELBO, its estimator and the schedule.

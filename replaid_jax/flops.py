@@ -9,7 +9,7 @@ import numpy as np
 
 def forward_flops_per_sequence(*, seq_len: int, width: int, num_layers: int, vocab_size: int, embed_dim: int,
                                mlp_ratio: int = 4, output_prior: bool = True, token_input: bool = False,
-                               include_attention: bool = True) -> float:
+                               include_attention: bool = True, input_posterior: bool = False) -> float:
   """Matmul FLOPs (2 per multiply-add) of one denoiser forward pass over one sequence.
 
   Blocks: QKV, attention scores and values (full L x L, also when causal, as
@@ -17,6 +17,8 @@ def forward_flops_per_sequence(*, seq_len: int, width: int, num_layers: int, voc
   d_e -> D input and self-conditioning projections, the D -> V head, and for
   RePlaid the output prior z.E^T and x_hat = p.E (`token_input` models look
   their input up in a table, which costs no FLOPs, and have neither).
+  `input_posterior` adds the V -> D embedding of each position's posterior
+  (and z.E^T when there is no output prior to share it with).
 
   `include_attention=False` drops the L x L score and value products: the
   scaling protocol's size table (configs/flops in scaling-dllms, measured with
@@ -30,6 +32,8 @@ def forward_flops_per_sequence(*, seq_len: int, width: int, num_layers: int, voc
     io = 2 * L * D * V
   else:
     io = 2 * 2 * L * E * D + 2 * L * D * V + 2 * L * V * E * (2 if output_prior else 1)
+    if input_posterior:
+      io += 2 * L * V * D + (0 if output_prior else 2 * L * V * E)
   return float(num_layers * per_block + io)
 
 
@@ -38,7 +42,7 @@ def config_forward_flops(c) -> float:
   return forward_flops_per_sequence(
       seq_len=c.data.seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
       embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior,
-      token_input=c.objective != "replaid")
+      token_input=c.objective != "replaid", input_posterior=c.model.input_posterior)
 
 
 def steps_for_budget(budget_flops: float, fwd_per_seq: float, batch: int) -> int:

@@ -322,10 +322,11 @@ def test_plaid_block_and_wide_embeddings_train():
 # ---- FLOP accounting.
 
 
-@pytest.mark.parametrize("name", ["replaid", "ar", "mdlm", "duo"])
+@pytest.mark.parametrize("name", ["replaid", "ar", "mdlm", "duo", "replaid+input_posterior"])
 def test_xla_forward_flops_agree_with_the_analytic_count(name):
   cd = demo.get_config()
-  cd.objective = name
+  cd.objective = name.split("+")[0]
+  cd.model.input_posterior = name.endswith("+input_posterior")
   cd.model.vocab_size = 512
   c = config_lib.from_config_dict(cd)
   obj = objectives.make(c)

@@ -57,6 +57,9 @@ class DenoiserConfig:
   remat: bool
   block: str = "dit"
   remat_policy: str = "full"
+  head_init_scale: float = 0.0
+  gate_init: float = 0.0
+  input_posterior: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -77,7 +80,7 @@ def init(key: jax.Array, cfg: DenoiserConfig, output_bias: jax.Array | None = No
   blocks = {
       "ln1": params_lib.ones((n, d), ("layers", None)),
       "adaln_w": params_lib.zeros((n, c, 6 * d), ("layers", None, None)),
-      "adaln_b": params_lib.zeros((n, 6 * d), ("layers", None)),
+      "adaln_b": _adaln_bias(n, d, cfg.gate_init),
       "qkv": nrm(next(keys), (n, d, 3, h, k), d**-0.5, ("layers", "embed", None, "heads", None)),
       "attn_out": nrm(next(keys), (n, h, k, d), d**-0.5, ("layers", "heads", None, "embed")),
       "ln2": params_lib.ones((n, d), ("layers", None)),
@@ -96,10 +99,23 @@ def init(key: jax.Array, cfg: DenoiserConfig, output_bias: jax.Array | None = No
       "final_ln": params_lib.ones((d,), (None,)),
       "final_adaln_w": params_lib.zeros((c, 2 * d), (None, None)),
       "final_adaln_b": params_lib.zeros((2 * d,), (None,)),
-      "out_w": params_lib.zeros((d, v), ("embed", "vocab")),
+      "out_w": _head(next(keys), d, v, cfg.head_init_scale),
       "out_b": _output_bias(cfg, output_bias),
   }
   return tree
+
+
+def _adaln_bias(n: int, d: int, gate: float) -> P:
+  """adaLN biases (shift1, scale1, gate1, shift2, scale2, gate2); the gates start at `gate` (0: adaLN-Zero)."""
+  b = jnp.zeros((n, 6, d), jnp.float32).at[:, (2, 5), :].set(gate)
+  return P(b.reshape(n, 6 * d), ("layers", None))
+
+
+def _head(key: jax.Array, d: int, v: int, scale: float) -> P:
+  """Output projection: zeros (DiT), or N(0, (scale / sqrt(d))^2) to start with a non-zero readout."""
+  if scale == 0:
+    return params_lib.zeros((d, v), ("embed", "vocab"))
+  return params_lib.normal(key, (d, v), scale * d**-0.5, ("embed", "vocab"))
 
 
 def _output_bias(cfg: DenoiserConfig, output_bias: jax.Array | None) -> P:
@@ -114,10 +130,16 @@ def _input_params(keys, cfg: DenoiserConfig, token_vocab: int | None) -> dict:
   d, e = cfg.width, cfg.embed_dim
   if token_vocab:
     return {"tok_embed": params_lib.normal(next(keys), (token_vocab, d), d**-0.5, ("vocab", "embed"))}
-  return {
-      "in_proj": params_lib.normal(next(keys), (e, d), e**-0.5, (None, "embed")),
+  k_in = next(keys)
+  out = {
+      "in_proj": params_lib.normal(k_in, (e, d), e**-0.5, (None, "embed")),
       "sc_proj": params_lib.zeros((e, d), (None, "embed")),
   }
+  if cfg.input_posterior:
+    # A table that embeds each position's single-position token posterior (see `apply`).
+    out["in_post"] = params_lib.normal(jax.random.fold_in(k_in, 1), (cfg.vocab_size, d), d**-0.5,
+                                       ("vocab", "embed"))
+  return out
 
 
 def _init_plaid(keys, cfg: DenoiserConfig, out_b: P, token_vocab: int | None) -> dict:
@@ -184,14 +206,21 @@ def apply(
     sigma2_B: jax.Array,
     cfg: DenoiserConfig,
     *,
+    posterior_BLV: jax.Array | None = None,
     unroll: bool = False,
 ) -> jax.Array:
-  """Network logits [B, L, V] (before the output prior) from a noisy embedding sequence."""
+  """Network logits [B, L, V] (before the output prior) from a noisy embedding sequence.
+
+  With `cfg.input_posterior`, `posterior_BLV` (each position's token posterior
+  given its own z_t alone) is embedded by a V x D table and added to h_0.
+  """
   dt = jnp.dtype(cfg.compute_dtype)
   e = cfg.embed_dim
   scale_B = jax.lax.rsqrt(alpha2_B / e + sigma2_B)
   u = z_BLE * scale_B[:, None, None]
   x = layers.dense(u, p["in_proj"], dtype=dt) + layers.dense(x_sc_BLE * math.sqrt(e), p["sc_proj"], dtype=dt)
+  if cfg.input_posterior:
+    x = x + layers.dense(posterior_BLV, p["in_post"], dtype=dt)
   return trunk(p, x, cond_B, cfg, unroll=unroll)
 
 

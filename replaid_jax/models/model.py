@@ -44,6 +44,9 @@ class ModelConfig:
   remat: bool
   block: str = "dit"
   remat_policy: str = "full"
+  head_init_scale: float = 0.0
+  gate_init: float = 0.0
+  input_posterior: bool = False
 
   def denoiser(self) -> denoiser.DenoiserConfig:
     names = {f.name for f in dataclasses.fields(denoiser.DenoiserConfig)}
@@ -99,12 +102,15 @@ def predict(
   table = embedding.normalized(params["embedding"])
   alpha2, sigma2 = noise_schedule.alpha_sigma2(gamma_B)
   cond = gamma_B if cfg.cond_input == "gamma" else t_B
-  logits = denoiser.apply(params["denoiser"], z_BLE, cond, x_sc_BLE, alpha2, sigma2, cfg.denoiser(), unroll=unroll)
-  if use_output_prior:
-    # log N(z; alpha e_v, sigma^2 I) = (alpha / sigma^2) z.e_v + const for unit-norm e_v.
-    coef_B = prior_scale * jnp.sqrt(alpha2) / sigma2
+  # log N(z; alpha e_v, sigma^2 I) = (alpha / sigma^2) z.e_v + const for unit-norm e_v.
+  coef_B = jnp.sqrt(alpha2) / sigma2
+  if use_output_prior or cfg.input_posterior:
     z_dot_e = _select_detached(detach_embeddings_B, lambda tab: jnp.einsum("ble,ve->blv", z_BLE, tab), table)
-    logits = logits + coef_B[:, None, None] * z_dot_e
+  posterior = jax.nn.softmax(coef_B[:, None, None] * z_dot_e, axis=-1) if cfg.input_posterior else None
+  logits = denoiser.apply(params["denoiser"], z_BLE, cond, x_sc_BLE, alpha2, sigma2, cfg.denoiser(),
+                          posterior_BLV=posterior, unroll=unroll)
+  if use_output_prior:
+    logits = logits + (prior_scale * coef_B)[:, None, None] * z_dot_e
   probs = jax.nn.softmax(logits, axis=-1)
   x_hat = _select_detached(detach_embeddings_B, lambda tab: jnp.einsum("blv,ve->ble", probs, tab), table)
   return logits, x_hat

@@ -118,5 +118,6 @@ def train_step(
       loss_stats=objective.update_stats(state.loss_stats, terms),
   )
   metrics = {"loss": loss, **objective.metrics(terms, setup, params),
-             "grad_norm": optax.tree_utils.tree_norm(grads)}
+             "grad_norm": optax.tree_utils.tree_norm(grads),
+             **{f"grad_norm_{k}": optax.tree_utils.tree_norm(v) for k, v in grads.items()}}
   return new_state, metrics

@@ -1,0 +1,263 @@
+"""Learning-curve runs and diagnostics for studying how fast a model leaves the unigram plateau.
+
+`train_curve` trains one config in-process on a corpus that is already in
+memory (no checkpoints, no tokenizer work) and measures the validation bound
+at chosen steps on a fixed subset with common random numbers, so that runs of
+different variants at the same seed are paired. `denoiser_gain_by_level` is
+the per-noise-level diagnostic: the diffusion loss written as an integral over
+the noise level,
+
+  L_diff = int_{gamma_0}^{gamma_1} 1/2 exp(-gamma) mse(gamma) d gamma,
+  mse(gamma) = E ||e - x_hat(z_gamma)||^2 (mean over positions),
+
+which does not depend on the schedule's shape, split into bins and compared,
+bin by bin, with the same integral for the context-free Bayes denoiser (each
+position's posterior under the unigram prior: logits = log p(v) + (alpha /
+sigma^2) z.e_v). A model "on the plateau" is one whose per-bin loss equals the
+context-free one; the bins where it is lower are where it uses context.
+"""
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from replaid_jax import config_lib
+from replaid_jax.data import pipeline
+from replaid_jax.eval import bound as bound_lib
+from replaid_jax.models import embedding
+from replaid_jax.models import model as model_lib
+from replaid_jax.models import noise_schedule
+from replaid_jax.train import step as step_lib
+
+
+def group_norms(tree: dict) -> dict[str, jax.Array]:
+  """Global L2 norm of each top-level group of a parameter-shaped tree."""
+  return {k: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(v))) for k, v in tree.items()}
+
+
+def embedding_separation(params: dict) -> dict[str, float]:
+  """Min and mean pairwise distance between the unit-norm embedding rows (2 for antipodal, sqrt 2 orthogonal)."""
+  table = np.asarray(embedding.normalized(params["embedding"]), np.float64)
+  sq = np.clip(2.0 - 2.0 * table @ table.T, 0.0, None)
+  iu = np.triu_indices(table.shape[0], 1)
+  d = np.sqrt(sq[iu])
+  return {"embed_min_dist": float(d.min()), "embed_mean_dist": float(d.mean())}
+
+
+def _gamma_grid(g0: float, g1: float, bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray]:
+  """Midpoint nodes (bins * per_bin) on [g0, g1] and the bin edges."""
+  edges = np.linspace(g0, g1, bins + 1)
+  width = (g1 - g0) / (bins * per_bin)
+  nodes = g0 + width * (np.arange(bins * per_bin) + 0.5)
+  return nodes, edges
+
+
+def denoiser_gain_by_level(params: dict, tokens_BL: np.ndarray, log_unigram: np.ndarray, key: jax.Array, *,
+                           model_cfg: model_lib.ModelConfig, bins: int = 12, per_bin: int = 4,
+                           selfcond: bool = True, use_output_prior: bool = True) -> dict[str, Any]:
+  """Per-bin diffusion loss (nats/token) of the model and of the context-free Bayes denoiser.
+
+  The integral over gamma in [gamma_0, gamma_1] is a midpoint rule with
+  `bins * per_bin` nodes, one noise draw per node shared by both denoisers.
+  Returns lists over bins: gamma edges, model, context_free and their
+  difference (positive where the model beats the context-free denoiser).
+  """
+  g0 = float(params["bounds"]["gamma_0"])
+  g1 = float(params["bounds"]["gamma_1"])
+  nodes, edges = _gamma_grid(g0, g1, bins, per_bin)
+  dgamma = (g1 - g0) / len(nodes)
+  table = embedding.normalized(params["embedding"])
+  tokens = jnp.asarray(tokens_BL)
+  e = embedding.lookup(table, tokens)
+  logu = jnp.asarray(log_unigram, jnp.float32)
+  batch = tokens.shape[0]
+
+  @jax.jit
+  def at(g, k):
+    g_B = jnp.full((batch,), g, jnp.float32)
+    alpha2, sigma2 = noise_schedule.alpha_sigma2(g_B)
+    z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(k, e.shape)
+    t_B = jnp.zeros_like(g_B)
+    x_sc = jnp.zeros_like(z)
+    pred = lambda x_sc: model_lib.predict(params, z, g_B, t_B, x_sc, cfg=model_cfg, prior_scale=1.0,
+                                          use_output_prior=use_output_prior)[1]
+    x_hat = pred(pred(x_sc)) if selfcond else pred(x_sc)
+    coef = (jnp.sqrt(alpha2) / sigma2)[:, None, None]
+    free = jax.nn.softmax(logu + coef * jnp.einsum("ble,ve->blv", z, table), axis=-1) @ table
+    mse = lambda xh: jnp.mean(jnp.sum(jnp.square(e - xh), -1))
+    return mse(x_hat), mse(free)
+
+  model_d, free_d = [], []
+  for i, g in enumerate(nodes):
+    m, f = at(float(g), jax.random.fold_in(key, i))
+    w = 0.5 * math.exp(-g) * dgamma
+    model_d.append(w * float(m))
+    free_d.append(w * float(f))
+  model_b = np.asarray(model_d).reshape(bins, per_bin).sum(1)
+  free_b = np.asarray(free_d).reshape(bins, per_bin).sum(1)
+  return {"gamma_edges": edges.tolist(), "model": model_b.tolist(), "context_free": free_b.tolist(),
+          "gain": (free_b - model_b).tolist(), "model_total": float(model_b.sum()),
+          "context_free_total": float(free_b.sum())}
+
+
+@dataclasses.dataclass
+class CurvePoint:
+  step: int
+  bound: float
+  stderr: float
+  seconds: float
+  train: dict
+
+
+def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_steps: Sequence[int],
+                eval_rows: int = 256, eval_times: int = 2, eval_seed: int = 1234,
+                on_point: Callable[[CurvePoint], None] | None = None,
+                diagnostics_at: Sequence[int] = (), chunk: int = 25) -> dict[str, Any]:
+  """Trains `cd` for max(eval_steps) steps on one device and returns its bound at each eval step.
+
+  The bound is the objective's own per-sequence estimator on the first
+  `eval_rows` validation rows with K = `eval_times` and a fixed key
+  (`eval_seed`): the same draws for every run, so differences between variants
+  are paired. Training metrics are averaged over the steps since the last point.
+  """
+  from replaid_jax.train import loop  # late import: loop imports this package's siblings
+
+  cd = ml_collections.ConfigDict(cd.to_dict())
+  cd.mesh.shape = (1, 1, 1)
+  cd.train.num_steps = max(eval_steps)
+  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = loop.build(c, corpus, devices=jax.devices()[:1])
+  one_step = functools.partial(step_lib.train_step, tx=run.tx, objective=run.objective,
+                               grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def steps_fn(state, batches, key):
+    # Several optimizer steps per call: on a CPU, tiny models are bound by per-call overhead.
+    return jax.lax.scan(lambda s, b: one_step(s, b, key), state, batches)
+
+  base_key = jax.random.key(c.seed)
+  it = pipeline.train_iterator(corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=0,
+                               process_count=1, num_workers=0)
+  bound_fn = bound_lib.make_bound_fn(run.objective, num_times=eval_times)
+  val = corpus.val[:eval_rows]
+  eval_key = jax.random.key(eval_seed)
+  log_unigram = np.log((corpus.unigram_counts + 1.0) / (corpus.unigram_counts + 1.0).sum())
+  unigram = bound_lib.unigram_cross_entropy(corpus.unigram_counts, val)
+  state = run.state
+  points, acc, n_acc = [], {}, 0
+  diagnostics = {}
+  t0 = time.time()
+  targets = sorted(set(eval_steps))
+  step = 0
+  while step < targets[-1]:
+    nxt = min(t for t in targets + list(diagnostics_at) if t > step) if any(
+        t > step for t in targets + list(diagnostics_at)) else targets[-1]
+    n = min(nxt - step, chunk)
+    batches = jnp.asarray(np.stack([next(it)["tokens"] for _ in range(n)]), jnp.int32)
+    state, m = steps_fn(state, batches, base_key)
+    m = jax.device_get(m)
+    for k, v in m.items():
+      if np.ndim(v) == 1:
+        acc[k] = acc.get(k, 0.0) + float(np.sum(v))
+    n_acc += n
+    step += n
+    if step in targets:
+      res = bound_lib.evaluate(bound_fn, state.ema_params, val, eval_key, batch_size=min(64, len(val)))
+      train = {k: v / n_acc for k, v in acc.items()}
+      if c.objective == "replaid":
+        train.update(embedding_separation(jax.device_get(state.params)))
+      point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - t0, train)
+      points.append(point)
+      acc, n_acc = {}, 0
+      if on_point:
+        on_point(point)
+    if step in diagnostics_at and c.objective == "replaid":
+      diagnostics[step] = denoiser_gain_by_level(jax.device_get(state.ema_params), val[:64], log_unigram,
+                                                 jax.random.key(eval_seed + 1), model_cfg=c.model)
+  return {"unigram": unigram, "points": [dataclasses.asdict(p) for p in points], "diagnostics": diagnostics,
+          "seconds": time.time() - t0}
+
+
+def plot_gain_by_level(curves: dict[str, dict], path: str, title: str = "") -> None:
+  """Bars of the context-free per-bin loss and lines of each model's, against the noise level gamma (-log SNR)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  first = next(iter(curves.values()))
+  edges = np.asarray(first["gamma_edges"])
+  mids = 0.5 * (edges[1:] + edges[:-1])
+  ax.bar(mids, first["context_free"], width=0.9 * (edges[1] - edges[0]), color="0.85",
+         label=f"context-free denoiser ({first['context_free_total']:.2f} nats)")
+  for name, d in curves.items():
+    m = 0.5 * (np.asarray(d["gamma_edges"][1:]) + np.asarray(d["gamma_edges"][:-1]))
+    ax.plot(m, d["model"], marker="o", ms=3, label=f"{name} ({d['model_total']:.2f} nats)")
+  ax.set_xlabel("noise level gamma = -log SNR (bins)")
+  ax.set_ylabel("diffusion loss in the bin (nats/token)")
+  ax.set_title(title or "where along the noise level the denoiser beats the context-free one", fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, gamma: float, steps: int,
+                      loss: str = "ce", every: int = 100, seed: int = 0) -> list[dict]:
+  """Trains only the denoiser at one noise level, embeddings and schedule frozen; a probe, not a bound.
+
+  Every row is noised at `gamma`; the loss is the token cross-entropy of the
+  logits ("ce", the most direct signal there is) or the squared error of x_hat
+  ("mse", the ELBO's integrand at that level), with Adam at `lr`. Returns, every
+  `every` steps, the mean CE of the model and of the context-free denoiser over
+  those steps: how long the model takes to use context when the only obstacle
+  is learning the network.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
+  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  bias = jnp.asarray(loop.output_bias(c, corpus)) if c.model.output_bias_init == "unigram" else None
+  log_unigram = jnp.asarray(np.log((corpus.unigram_counts + 1.0) / (corpus.unigram_counts + 1.0).sum()), jnp.float32)
+  params, _ = model_lib.init(jax.random.key(seed), c.model, gamma_0=c.diffusion.gamma_0,
+                             gamma_1=c.diffusion.gamma_1, output_bias=bias)
+  tx = optax.adam(c.optim.lr)
+  opt = tx.init(params["denoiser"])
+
+  def losses(den, rest, tokens, key):
+    p = {**rest, "denoiser": den}
+    table = embedding.normalized(p["embedding"])
+    e = embedding.lookup(table, tokens)
+    g = jnp.full((tokens.shape[0],), gamma, jnp.float32)
+    alpha2, sigma2 = noise_schedule.alpha_sigma2(g)
+    z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(key, e.shape)
+    logits, x_hat = model_lib.predict(p, z, g, g, jnp.zeros_like(z), cfg=c.model, prior_scale=1.0)
+    nll = lambda lg: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), tokens[..., None], -1))
+    free = log_unigram + (jnp.sqrt(alpha2) / sigma2)[:, None, None] * jnp.einsum("ble,ve->blv", z, table)
+    mse = jnp.mean(jnp.sum(jnp.square(e - x_hat), -1))
+    return (nll(logits) if loss == "ce" else mse), (nll(logits), nll(free))
+
+  @jax.jit
+  def step(den, opt, rest, tokens, key):
+    (_, aux), grads = jax.value_and_grad(losses, has_aux=True)(den, rest, tokens, key)
+    updates, opt = tx.update(grads, opt, den)
+    return optax.apply_updates(den, updates), opt, aux
+
+  rest = {k: v for k, v in params.items() if k != "denoiser"}
+  den = params["denoiser"]
+  rng = np.random.default_rng(seed)
+  out, acc = [], []
+  for i in range(1, steps + 1):
+    tokens = jnp.asarray(corpus.train[rng.integers(0, corpus.train.shape[0], c.train.batch_size)], jnp.int32)
+    den, opt, aux = step(den, opt, rest, tokens, jax.random.fold_in(jax.random.key(seed + 1), i))
+    acc.append([float(a) for a in aux])
+    if i % every == 0:
+      m = np.mean(acc, axis=0)
+      out.append({"step": i, "ce": float(m[0]), "context_free_ce": float(m[1]), "gain": float(m[1] - m[0])})
+      acc = []
+  return out

@@ -1,0 +1,107 @@
+"""The plateau toolkit: synthetic sources with exact entropies, the per-noise-level diagnostic, the init switches."""
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from replaid_jax.models import denoiser
+from replaid_jax.models import model as model_lib
+from replaid_jax.research import plateau
+from replaid_jax.research import synthetic
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_sequence_entropy_equals_brute_force_enumeration(order):
+  """H(x_1..x_L)/L from the formula equals -sum p log p over every window of length L."""
+  src = synthetic.make_markov(3, order, 2, seed=order)
+  length = 4
+  total = 0.0
+  for seq in itertools.product(range(3), repeat=length):
+    ctx = 0
+    for s in seq[:order]:
+      ctx = ctx * 3 + s
+    p = src.stationary[ctx]
+    for s in seq[order:]:
+      p *= src.transition[ctx, s]
+      ctx = (ctx * 3 + s) % 3**order
+    if p > 0:
+      total -= p * math.log(p)
+  assert src.sequence_entropy(length) == pytest.approx(total / length, rel=1e-9)
+
+
+def test_sampled_stream_matches_the_chain():
+  """Empirical transition frequencies of a long stream agree with the chain within sampling error."""
+  src = synthetic.make_markov(8, 1, 3, seed=4)
+  x = src.sample(200_000, np.random.default_rng(0))
+  counts = np.zeros((8, 8))
+  np.add.at(counts, (x[:-1], x[1:]), 1)
+  emp = counts / counts.sum(1, keepdims=True)
+  n = counts.sum(1, keepdims=True)
+  se = np.sqrt(src.transition * (1 - src.transition) / n) + 1e-3
+  assert np.all(np.abs(emp - src.transition) < 5 * se)
+  marg = np.bincount(x, minlength=8) / x.size
+  assert np.allclose(marg, src.stationary, atol=0.01)
+
+
+def _params_with_unigram_bias(key, cfg, log_unigram):
+  params, _ = model_lib.init(key, cfg, gamma_0=-3.0, gamma_1=6.0, output_bias=jnp.asarray(log_unigram))
+  return params
+
+
+def test_diagnostic_at_initialisation_is_the_context_free_denoiser(tiny_model):
+  """With a log-unigram output bias and zero-initialised head and gates, the model is the context-free denoiser."""
+  rng = np.random.default_rng(0)
+  counts = rng.integers(1, 50, tiny_model.vocab_size).astype(np.float64)
+  log_unigram = np.log(counts / counts.sum())
+  params = _params_with_unigram_bias(jax.random.key(0), tiny_model, log_unigram)
+  tokens = rng.integers(0, tiny_model.vocab_size, (4, 16))
+  out = plateau.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(1), model_cfg=tiny_model,
+                                       bins=4, per_bin=2)
+  np.testing.assert_allclose(out["model"], out["context_free"], rtol=1e-4, atol=1e-6)
+  assert out["model_total"] > 0
+
+
+def test_diagnostic_integral_matches_a_fine_quadrature_of_the_context_free_loss(tiny_model):
+  """Midpoint sums over gamma converge: 8 and 64 nodes per unit agree on the context-free total."""
+  rng = np.random.default_rng(1)
+  log_unigram = np.log(np.full(tiny_model.vocab_size, 1.0 / tiny_model.vocab_size))
+  params = _params_with_unigram_bias(jax.random.key(2), tiny_model, log_unigram)
+  tokens = rng.integers(0, tiny_model.vocab_size, (64, 16))
+  coarse = plateau.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(3), model_cfg=tiny_model,
+                                          bins=6, per_bin=2)["context_free_total"]
+  fine = plateau.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(3), model_cfg=tiny_model,
+                                        bins=6, per_bin=16)["context_free_total"]
+  assert coarse == pytest.approx(fine, rel=0.05)
+
+
+def test_head_and_gate_init_switches(tiny_model):
+  """head_init_scale draws the readout with std scale/sqrt(width); gate_init sets both residual gates only."""
+  cfg = dataclasses.replace(tiny_model, head_init_scale=2.0, gate_init=0.25, width=64, vocab_size=512)
+  p = denoiser.init(jax.random.key(0), cfg.denoiser())
+  w = np.asarray(p["out_w"].value)
+  assert w.std() == pytest.approx(2.0 / math.sqrt(64), rel=0.05)
+  b = np.asarray(p["blocks"]["adaln_b"].value).reshape(cfg.num_layers, 6, 64)
+  np.testing.assert_array_equal(b[:, (2, 5)], 0.25)
+  np.testing.assert_array_equal(b[:, (0, 1, 3, 4)], 0.0)
+  # The default stays adaLN-Zero with a zero head, and the switches leave every other parameter unchanged.
+  base = denoiser.init(jax.random.key(0), dataclasses.replace(cfg, head_init_scale=0.0, gate_init=0.0).denoiser())
+  assert not np.any(np.asarray(base["out_w"].value))
+  for name in ("qkv", "attn_out", "mlp_w1", "mlp_w2"):
+    np.testing.assert_array_equal(np.asarray(base["blocks"][name].value), np.asarray(p["blocks"][name].value))
+  np.testing.assert_array_equal(np.asarray(base["in_proj"].value), np.asarray(p["in_proj"].value))
+
+
+def test_group_norms_and_embedding_separation():
+  tree = {"a": {"x": jnp.ones((3,)), "y": jnp.full((2,), 2.0)}, "b": jnp.zeros((4,))}
+  norms = plateau.group_norms(tree)
+  assert float(norms["a"]) == pytest.approx(math.sqrt(3 + 8))
+  assert float(norms["b"]) == 0.0
+  table = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+  sep = plateau.embedding_separation({"embedding": {"table": jnp.asarray(table)}})
+  assert sep["embed_min_dist"] == pytest.approx(math.sqrt(2))
+  assert sep["embed_mean_dist"] == pytest.approx((2 * math.sqrt(2) + 2) / 3)
