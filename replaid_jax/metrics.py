@@ -31,7 +31,10 @@ def _fmt(v: Any) -> str:
 class MetricWriter:
   """Fans scalars out to the console, <dir>/metrics.jsonl and TensorBoard."""
 
-  def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool | None = None):
+  def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool | None = None,
+               resume_step: int | None = None):
+    """`resume_step`: a run resumed from that step drops the rows (and TensorBoard events) logged after it
+    by the invocation that stopped, since those steps are trained and logged again."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.directory = directory
     self._tb = None
@@ -39,10 +42,14 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(directory, exist_ok=True)
-    self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(directory, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      _truncate_after(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(directory, flush_secs=30)
+      purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+      self._tb = SummaryWriter(directory, flush_secs=30, **purge)
 
   def write(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "", console: bool = True) -> None:
     if not self.enabled:
@@ -83,6 +90,22 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the rows of a metrics.jsonl up to `step` (and drops a partly written last line), atomically."""
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 class Progress:
