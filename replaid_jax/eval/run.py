@@ -301,6 +301,10 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   try:
     if "bound" in analyses:
       result.update(_bound(session, c, model, params, evalset, key, put, label, timing))
+      if not math.isfinite(result["nats_per_token"]):
+        raise errors.CheckpointError(
+            f"the bound of checkpoint step {step} is not finite ({result['nats_per_token']}); nothing was written. "
+            "The parameters are finite, so the model overflows on this data; evaluate an earlier step (--step).")
       scalars = {k: result[k] for k in ("nats_per_token", "bits_per_token", "perplexity_bound", "stderr", "recon",
                                         "diffusion", "prior")}
       if "tokens_per_s" in result.get("throughput", {}):
