@@ -49,6 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from replaid_jax import errors
+from replaid_jax import paths
 
 STATE_KEYS = ("step", "params", "opt_state", "loss_stats")
 MANIFEST = "manifest.sha256.json"
@@ -59,55 +60,65 @@ OK, UNVERIFIED, DAMAGED = "ok", "unverified", "damaged"
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)
   return h.hexdigest()
 
 
+def _size(path: str) -> int:
+  return os.path.getsize(path) if not paths.is_uri(path) else paths.path(path).stat().length
+
+
 def _step_files(step_dir: str) -> list[str]:
-  out = []
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if not rel.startswith(MANIFEST):
-        out.append(rel)
-  return sorted(out)
+  """Paths, relative to the step directory, of its files (the manifest itself excluded)."""
+  if paths.is_uri(step_dir):
+    rels = []
+    todo = [(paths.path(step_dir), "")]
+    while todo:
+      folder, prefix = todo.pop()
+      for child in folder.iterdir():
+        if child.is_dir():
+          todo.append((child, prefix + child.name + "/"))
+        else:
+          rels.append(prefix + child.name)
+  else:
+    rels = [os.path.relpath(os.path.join(r, n), step_dir) for r, _, names in os.walk(step_dir) for n in names]
+  return sorted(rel for rel in rels if not rel.startswith(MANIFEST))
 
 
 def write_manifest(step_dir: str) -> None:
   """Records the size and sha256 of every file of a committed step (atomically)."""
-  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256(os.path.join(step_dir, rel))}
+  files = {rel: {"size": _size(paths.join(step_dir, rel)), "sha256": _sha256(paths.join(step_dir, rel))}
            for rel in _step_files(step_dir)}
-  path = os.path.join(step_dir, MANIFEST)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"version": 1, "files": files}, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  paths.write_text_atomic(paths.join(step_dir, MANIFEST),
+                          json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
 
 
 def verify(step_dir: str) -> tuple[str, str]:
   """(OK | UNVERIFIED | DAMAGED, what is wrong) for one step directory against its manifest."""
-  if not os.path.isdir(step_dir):
+  if not paths.isdir(step_dir):
     return DAMAGED, "its directory is missing"
   present = _step_files(step_dir)
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
+  manifest = paths.join(step_dir, MANIFEST)
+  if not paths.exists(manifest):
     if not present:
       return DAMAGED, "its directory is empty"
     return UNVERIFIED, "it has no checksum manifest"
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(manifest) as f:
       files = json.load(f)["files"]
     files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     return DAMAGED, f"its checksum manifest cannot be read ({type(e).__name__})"
   problems = []
+  present = set(present)
   for rel, (size, digest) in sorted(files.items()):
-    full = os.path.join(step_dir, rel)
-    if not os.path.isfile(full):
+    full = paths.join(step_dir, rel)
+    if rel not in present:
       problems.append(f"{rel} is missing")
-    elif os.path.getsize(full) != size:
-      problems.append(f"{rel} has {os.path.getsize(full)} bytes instead of {size}")
+    elif _size(full) != size:
+      problems.append(f"{rel} has {_size(full)} bytes instead of {size}")
     elif _sha256(full) != digest:
       problems.append(f"{rel} does not match its checksum")
   if problems:
@@ -130,7 +141,7 @@ def _all_finite(leaves):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 class Checkpointer:
@@ -139,7 +150,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, every_steps: int = 0,
                read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not paths.isdir(self.directory):
       raise errors.CheckpointError(
           f"no checkpoints at {self.directory}: point --workdir at a training run's directory "
           "(it holds checkpoints/), or train one first with launch/train.py."
@@ -162,7 +173,7 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def verify(self, step: int) -> tuple[str, str]:
     return verify(self.step_dir(step))
@@ -173,7 +184,7 @@ class Checkpointer:
       return
     for step in self.all_steps():
       step_dir = self.step_dir(step)
-      if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, MANIFEST)):
+      if paths.isdir(step_dir) and not paths.exists(paths.join(step_dir, MANIFEST)):
         try:
           write_manifest(step_dir)
         except FileNotFoundError:  # removed meanwhile
@@ -183,12 +194,15 @@ class Checkpointer:
     """Moves damaged steps out of the checkpoint directory (process 0), to <workdir>/checkpoints_damaged/."""
     moved = []
     if jax.process_index() == 0:
-      target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
-      os.makedirs(target, exist_ok=True)
+      target = paths.join(os.path.dirname(self.directory), DAMAGED_DIR)
+      paths.makedirs(target)
       for step in steps:
-        dest = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.exists(self.step_dir(step)):
-          shutil.move(self.step_dir(step), dest)
+        dest = paths.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if paths.exists(self.step_dir(step)):
+          if paths.is_uri(dest):
+            paths.path(self.step_dir(step)).rename(dest)
+          else:
+            shutil.move(self.step_dir(step), dest)
           moved.append(dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -269,8 +283,8 @@ def abstract_like(tree: Any) -> Any:
 
 def read_arrays(workdir: str, step: int, item: str = "state") -> Any:
   """One item of a step ("state" or "ema_params") as numpy arrays, whatever mesh or process count wrote it."""
-  path = os.path.join(checkpoint_dir(workdir), str(step), item)
-  if not os.path.isdir(path):
+  path = paths.join(checkpoint_dir(workdir), str(step), item)
+  if not paths.isdir(path):
     raise errors.CheckpointError(f"no item '{item}' of a complete checkpoint at {path}.")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as reader:

@@ -19,6 +19,7 @@ from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import objectives
+from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.train import loop
@@ -27,7 +28,7 @@ REQUIRED_ITEMS = ("ema_params", "metadata")
 
 
 def _step_dir(ckpt: ckpt_lib.Checkpointer, step: int) -> str:
-  return os.path.join(ckpt.directory, str(step))
+  return ckpt.step_dir(step)
 
 
 def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpointer, int, dict]:
@@ -47,8 +48,8 @@ def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpoint
     raise errors.CheckpointError(f"checkpoint step {step} in {ckpt.directory} is damaged: {why}. "
                                  f"{intact_hint(ckpt, step)}")
   missing = [item for item in REQUIRED_ITEMS
-             if not os.path.isdir(os.path.join(_step_dir(ckpt, step), item))
-             or not os.listdir(os.path.join(_step_dir(ckpt, step), item))]
+             if not paths.isdir(paths.join(_step_dir(ckpt, step), item))
+             or not any(paths.path(paths.join(_step_dir(ckpt, step), item)).iterdir())]
   if missing:
     raise errors.CheckpointError(
         f"checkpoint step {step} in {ckpt.directory} is incomplete: item(s) {', '.join(missing)} missing or empty. "
@@ -204,7 +205,7 @@ def checkpoint_tokenizer(meta: dict, workdir: str, path_override: str = "",
   if path_override:
     candidates = [os.path.expanduser(path_override)]
   else:
-    candidates = [recorded, os.path.join(os.path.abspath(workdir), "tokenizer", os.path.basename(recorded))]
+    candidates = [recorded, paths.join(paths.absolute(workdir), "tokenizer", os.path.basename(recorded))]
   found = []
   for path in dict.fromkeys(candidates):
     if not path or not os.path.isfile(path):

@@ -20,6 +20,7 @@ from absl import logging
 import jax
 
 from replaid_jax import errors
+from replaid_jax import paths
 
 LOCK_NAME = "train.lock"
 
@@ -36,18 +37,28 @@ def _pid_alive(pid: int) -> bool:
 
 def _read(path: str) -> dict[str, Any] | None:
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(path) as f:
       owner = json.load(f)
     return owner if isinstance(owner, dict) else None
   except (OSError, ValueError):
     return None
 
 
+def _create_exclusive(path: str) -> int | None:
+  """A new local file, atomically (FileExistsError if it exists); on a bucket, None after checking that it does
+  not exist (buckets have no exclusive create: two trainers starting within the same second could both pass)."""
+  if paths.is_uri(path):
+    if paths.exists(path):
+      raise FileExistsError(path)
+    return None
+  return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+
+
 class WorkdirLock:
   """Context manager holding <workdir>/train.lock for the duration of a run (process 0 only)."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = paths.join(workdir, LOCK_NAME)
     self.held = False
 
   def acquire(self) -> None:
@@ -57,7 +68,7 @@ class WorkdirLock:
           "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     for _ in range(2):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = _create_exclusive(self.path)
       except FileExistsError:
         owner = _read(self.path)
         if owner is None or (owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1)))):
@@ -65,7 +76,7 @@ class WorkdirLock:
                           "unreadable" if owner is None else f"process {owner.get('pid')} on {owner.get('host')}, "
                           f"started {owner.get('started')}, no longer runs")
           try:
-            os.remove(self.path)
+            paths.path(self.path).unlink()
           except FileNotFoundError:
             pass
           continue
@@ -73,8 +84,11 @@ class WorkdirLock:
             f"the workdir {os.path.dirname(self.path)} is in use by another trainer (process {owner.get('pid')} on "
             f"host {owner.get('host')}, started {owner.get('started')}); wait for it to end, use another --workdir, "
             f"or, if that run is known to be gone, delete {self.path}.") from None
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(me, f)
+      if fd is None:
+        paths.path(self.path).write_text(json.dumps(me))
+      else:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+          json.dump(me, f)
       self.held = True
       return
     raise errors.ConfigError(f"could not take the workdir lock {self.path}; another trainer is starting there.")
@@ -84,7 +98,7 @@ class WorkdirLock:
       self.held = False
       owner = _read(self.path)
       if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        os.remove(self.path)
+        paths.path(self.path).unlink()
 
   def __enter__(self) -> "WorkdirLock":
     self.acquire()

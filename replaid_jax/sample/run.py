@@ -37,6 +37,7 @@ from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
 from replaid_jax import inference
 from replaid_jax import objectives
+from replaid_jax import paths
 from replaid_jax.sample import prompts
 from replaid_jax.sample import quality
 
@@ -146,17 +147,17 @@ def output_path(workdir: str, step: int, output: str | None = None) -> str:
   """Where a sampling run writes: `output` (which must not exist), else the first free name of
   <workdir>/samples/step<N>.jsonl, step<N>_2.jsonl, step<N>_3.jsonl, ... (earlier samples are never overwritten)."""
   if output:
-    path = os.path.abspath(output)
+    path = paths.absolute(output)
     if not path.endswith(".jsonl"):
       raise errors.ConfigError(f"--output={output} must name a .jsonl file.")
-    if os.path.exists(path):
+    if paths.exists(path):
       raise errors.ConfigError(f"--output={output} exists; pass a new file name (samples are never overwritten).")
     return path
-  folder = os.path.join(workdir, "samples")
+  folder = paths.join(workdir, "samples")
   n = 1
   while True:
-    path = os.path.join(folder, f"step{step}{'' if n == 1 else f'_{n}'}.jsonl")
-    if not os.path.exists(path) and not os.path.exists(path[:-len(".jsonl")] + ".summary.json"):
+    path = paths.join(folder, f"step{step}{'' if n == 1 else f'_{n}'}.jsonl")
+    if not paths.exists(path) and not paths.exists(path[:-len(".jsonl")] + ".summary.json"):
       return path
     n += 1
 
@@ -167,7 +168,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
 
   The samples go to `output_path(workdir, step, output)`, the summary next to them (<name>.summary.json).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   if output:
     output_path(workdir, 0, output)  # fail before any work
   ck, step, meta = inference.open_checkpoint(workdir, step)
@@ -285,14 +286,10 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
 
   if jax.process_index() == 0:
     path = output_path(workdir, step, output)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      for rec in rows:
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    paths.makedirs(os.path.dirname(path))
+    paths.write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
     summary["samples_file"] = path
-    with open(path[:-len(".jsonl")] + ".summary.json", "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, ensure_ascii=False)
+    paths.write_text_atomic(path[:-len(".jsonl")] + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     _print(rows, summary, s.print_samples)
   return summary
 

@@ -35,6 +35,7 @@ from replaid_jax import distributed
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax import metrics as metrics_lib
+from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
 from replaid_jax import workdir_lock
 from replaid_jax.data import arrayrecord
@@ -238,11 +239,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   """
   t_start = time.time()
   c = config_lib.from_config_dict(config)
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  workdir = paths.absolute(workdir)
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise errors.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a new or existing directory.")
+  if paths.is_uri(workdir) and c.data.source == "text" and not (c.data.tokenizer_path or c.data.cache_dir):
+    raise errors.ConfigError(f"--workdir={workdir} is a bucket, where a tokenizer cannot be trained and cached; set "
+                             "data.cache_dir to a local directory (or data.tokenizer_path to a trained model).")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
   except OSError as e:
     raise errors.ConfigError(f"--workdir={workdir} cannot be created ({e.strerror or e}); pass a directory you can "
                              "write to.") from None
@@ -355,7 +359,7 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
     ckpt.close()
     raise
   # Metrics logged after the checkpoint a run resumes from are dropped: those steps are trained again.
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "train"), resume_step=latest)
+  writer = metrics_lib.MetricWriter(paths.join(workdir, "train"), resume_step=latest)
   if latest is not None:
     state = restored
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
@@ -471,9 +475,9 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     if jax.process_index() == 0:
       if c.objective == "replaid":
         plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
-                                 os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+                                 paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
       plots.save_bound_curve({"run": plots.read_validation_curve(workdir)},
-                             os.path.join(workdir, "plots", "bound_vs_minutes.png"))
+                             paths.join(workdir, "plots", "bound_vs_minutes.png"))
     last_eval_time = time.time()
     return res
 
@@ -527,8 +531,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
       "forward_flops_per_sequence": fwd, "train_flops_per_step": analytic,
       "train_flops_per_step_no_selfcond": analytic_no_sc, "train_flops": analytic * step,
   })
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  metrics_lib.MetricWriter(os.path.join(workdir, "eval"), tensorboard=False).write_json("final.json", final)
+  metrics_lib.MetricWriter(paths.join(workdir, "eval"), tensorboard=False).write_json("final.json", final)
   logging.info("validation bound at step %d: %.4f ± %.4f nats/token (perplexity ≤ %.2f) over %d sequences, K=%d; "
                "unigram %.4f; ratio %.3f", step, final["nats_per_token"], final["stderr"], final["perplexity_bound"],
                final["num_sequences"], final["num_times"], final["unigram_nats_per_token"], final["ratio_to_unigram"])
@@ -536,7 +539,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     toks = run.objective.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
                                 num_samples=c.eval.num_samples, seq_len=c.data.seq_len, num_steps=c.eval.sample_steps)
     texts = [corpus.tokenizer.decode([int(t) for t in row]) for row in np.asarray(toks)]
-    with open(os.path.join(workdir, "eval", f"samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
+    with paths.open_file(paths.join(workdir, "eval", f"samples_step{step}.jsonl"), "w") as f:
       for text, row in zip(texts, np.asarray(toks)):
         f.write(json.dumps({"step": step, "steps": c.eval.sample_steps, "text": text, "tokens": row.tolist()}) + "\n")
     for i, text in enumerate(texts):
