@@ -193,6 +193,9 @@ class Checkpointer:
   def set_aside(self, steps: list[int]) -> list[str]:
     """Moves damaged steps out of the checkpoint directory (process 0), to <workdir>/checkpoints_damaged/."""
     moved = []
+    if jax.process_count() > 1:  # every process has finished verifying before any step moves
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("replaid_before_set_aside")
     if jax.process_index() == 0:
       target = paths.join(os.path.dirname(self.directory), DAMAGED_DIR)
       paths.makedirs(target)

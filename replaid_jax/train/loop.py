@@ -3,13 +3,17 @@
 `train_and_evaluate(config, workdir)`:
   1. converts and validates the config; loads (or builds) the tokenizer and data;
   2. builds the mesh, the sharded parameters and optimizer state;
-  3. resumes from the workdir's latest checkpoint if there is one, else starts
-     from scratch (a resumed run continues the data order and random stream
-     exactly where they stopped);
+  3. takes the workdir lock, then resumes from the workdir's newest intact
+     checkpoint if there is one (damaged newer steps are set aside; config
+     differences are listed, and those that change the model, data or objective
+     refused), else starts from scratch (a resumed run continues the data order
+     and random stream exactly where they stopped);
   4. trains, logging metrics, throughput and ETA, evaluating and checkpointing
      on schedule, until `train.num_steps` or `train.max_minutes`; a preemption
      notice (SIGTERM, see replaid_jax/distributed.py) ends it at the next step
-     with a checkpoint and no final evaluation;
+     with a checkpoint and no final evaluation; a step with a non-finite loss or
+     gradients is not applied, and more of them than train.skip_nonfinite_steps
+     stop the run before anything non-finite could be saved;
   5. saves, then evaluates the EMA parameters on the whole validation split and
      writes <workdir>/eval/final.json (and a few samples).
 """
@@ -495,6 +499,9 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     # Save before drawing the next batch: the saved iterator state then points at
     # the first batch not yet trained on.
     if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0:
+      if pending is not None:  # a checkpoint's own step is logged before it: a resume never loses its row
+        log(*pending)
+        pending = None
       save(step)
       last_saved = step
     if distributed.preemption_point(step):  # every process stops at the same step

@@ -14,7 +14,7 @@ def _save(fig, path: str) -> None:
     with paths.open_file(path, "wb") as f:
       fig.savefig(f, format="png")
   else:
-    _save(fig, path)
+    fig.savefig(path)
 
 
 def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_points: int = 200) -> str:
