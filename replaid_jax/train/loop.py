@@ -499,11 +499,11 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     # Save before drawing the next batch: the saved iterator state then points at
     # the first batch not yet trained on.
     if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0:
-      if pending is not None:  # a checkpoint's own step is logged before it: a resume never loses its row
-        log(*pending)
-        pending = None
       save(step)
       last_saved = step
+      if pending is not None:  # a checkpoint's own step is logged as it is saved: a resume never loses its row
+        log(*pending)
+        pending = None
     if distributed.preemption_point(step):  # every process stops at the same step
       preempted = True
       break
