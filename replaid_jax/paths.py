@@ -1,7 +1,8 @@
 """Workdir paths: a local directory or a bucket URI (gs://bucket/run), through etils.epath.
 
 Orbax writes checkpoints to either; metrics, TensorBoard events, JSON results,
-plots, checksum manifests and the workdir lock go through these helpers, so that
+plots, checksum manifests, the workdir lock and text/.npy data files go through
+these helpers, so that
 a URI is never mistaken for a local relative path (os.path.abspath("gs://b/r")
 would be ./gs:/b/r).
 """

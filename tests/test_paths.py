@@ -104,3 +104,26 @@ def test_checksum_manifests_on_a_bucket(bucket, tmp_path):
   data.write_bytes(bytes(raw))
   status, why = ckpt_lib.verify(uri)
   assert status == ckpt_lib.DAMAGED and "state/d/data does not match its checksum" in why
+
+
+def test_training_data_read_from_a_bucket(bucket, tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
+  data = bucket / "b" / "data"
+  data.mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  np.save(data / "train_0.npy", rng.integers(0, 40, 3000, dtype=np.int32))
+  np.save(data / "train_1.npy", rng.integers(0, 40, 2000, dtype=np.int32))
+  np.save(data / "val.npy", rng.integers(0, 40, 600, dtype=np.int32))
+  cd = tiny.get_config()
+  cd.data.source, cd.data.val_plays, cd.data.npy_vocab_size = "npy", "", 40
+  cd.data.train_files, cd.data.val_files = "gs://b/data/train_*.npy", "gs://b/data/val.npy"
+  cd.eval.num_samples, cd.eval.final_num_times, cd.train.num_steps = 0, 0, 2
+  out = loop.train_and_evaluate(cd, str(tmp_path / "run"))
+  assert out["step"] == 2
+  config = json.loads((tmp_path / "run" / "train" / "config.json").read_text())
+  assert config["config"]["data"]["train_files"] == "gs://b/data/train_*.npy"
+  cd.data.train_files = "gs://b/data/missing_*.npy"
+  with pytest.raises(errors.DataError, match="no file at or matching 'gs://b/data/missing_"):
+    loop.train_and_evaluate(cd, str(tmp_path / "run2"))
