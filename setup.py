@@ -12,6 +12,7 @@ _CORE = [
     "ml-collections>=1.0.0",
     "clu>=0.0.12",
     "absl-py>=2.0.0",
+    "etils[epath]>=1.7.0",
     "numpy>=1.26",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
@@ -34,6 +35,7 @@ setuptools.setup(
         "judges": ["tokenizers>=0.19"],
         "cuda": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
+        "gcs": ["gcsfs>=2024.2.0"],  # gs:// workdirs (etils.epath through fsspec; TensorBoard through its client)
         "tfds": ["tensorflow-datasets>=4.9.6", "array-record>=0.5"],
     },
     license="Apache-2.0",

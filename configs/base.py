@@ -98,6 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.eval_every = 250  # steps between in-loop validation bounds (0: only at the end)
   t.eval_every_minutes = 0.0  # also evaluate every so many minutes (0: off)
   t.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 measures a 2048^2 fp32 matmul at start
+  t.skip_nonfinite_steps = 0  # steps with a non-finite loss/gradient that are skipped (not applied) before the run stops
 
   # ---- evaluation (in-loop and the eval binary).
   e = c.eval = ml_collections.ConfigDict()
@@ -142,8 +143,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- checkpoints.
   k = c.checkpoint = ml_collections.ConfigDict()
-  k.every_steps = 500  # save period in steps (and always at the end)
-  k.keep = 3  # checkpoints kept
+  k.every_steps = 500  # save period in steps (and always at the end); 0: only at the end
+  k.keep = 3  # checkpoints kept (at least 1)
   k.async_save = True  # write checkpoints in the background
 
   # ---- device mesh.

@@ -8,7 +8,8 @@ Examples:
   --config.sample.constraints="crown:2,king" --config.sample.avoid="death"
   --config.sample.judge=gpt2:/path/to/local/gpt2
 
-Writes <workdir>/samples/step<N>.jsonl and step<N>.summary.json; every sample key is
+Writes <workdir>/samples/step<N>.jsonl (step<N>_2.jsonl, ... if it exists, or --output=FILE.jsonl) and
+the matching .summary.json; every sample key is
 described in configs/base.py. Only the sample section can be overridden.
 """
 
@@ -50,6 +51,8 @@ def _define_config():
 _CONFIG = _define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the latest).")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the samples to this new .jsonl file (default: "
+                              "<workdir>/samples/step<N>.jsonl, or step<N>_2.jsonl, ... when it exists).")
 _BENCHMARK = flags.DEFINE_boolean("benchmark", False, "Also time a sampler step against one forward pass.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -59,7 +62,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   overrides = {key.split(".", 1)[1]: value
                for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items()}
-  run.sample_checkpoint(_WORKDIR.value, step=_STEP.value, overrides=overrides, benchmark=_BENCHMARK.value)
+  run.sample_checkpoint(_WORKDIR.value, step=_STEP.value, overrides=overrides, benchmark=_BENCHMARK.value,
+                        output=_OUTPUT.value)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "End this invocation after this many steps with a checkpoint "
                                    "and no final evaluation (as a preempted job would); rerunning resumes.")
+_ALLOW_CHANGES = flags.DEFINE_boolean(
+    "allow_config_changes", False, "Resume even though the config differs from the saved one in keys that change "
+    "the model, data or objective (differences are listed either way).")
+_RESUME_FROM = flags.DEFINE_integer(
+    "resume_from_step", None, "Resume from this checkpoint step instead of the newest one (newer steps are moved to "
+    "<workdir>/checkpoints_damaged/): the way back from a run that diverged after its newest checkpoint.")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -34,7 +40,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
   with distributed.handle_preemption():
-    loop.train_and_evaluate(cli.config(_CONFIG), _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    loop.train_and_evaluate(cli.config(_CONFIG), _WORKDIR.value, stop_after=_STOP_AFTER.value,
+                            allow_config_changes=_ALLOW_CHANGES.value, resume_from_step=_RESUME_FROM.value)
 
 
 if __name__ == "__main__":

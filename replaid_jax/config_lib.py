@@ -52,6 +52,7 @@ class TrainConfig:
   eval_every: int
   eval_every_minutes: float
   peak_flops: float
+  skip_nonfinite_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,34 @@ def _positive(key: str, value: float) -> None:
     raise errors.ConfigError(f"{key} must be positive, got {value}.")
 
 
+# Every count and interval, with its smallest valid value (0 means "off" or "whole split" where allowed).
+MINIMUMS = {
+    "train.num_steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.max_minutes": 0,
+    "train.eval_every_minutes": 0, "train.peak_flops": 0, "train.skip_nonfinite_steps": 0,
+    "checkpoint.every_steps": 0, "checkpoint.keep": 1,
+    "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.ema_decay": 0, "optim.weight_decay": 0,
+    "optim.embedding_lr": 0, "optim.schedule_lr": 0, "optim.bounds_lr": 0,
+    "data.seq_len": 1, "data.num_workers": 0, "data.tokenizer_vocab_size": 1,
+    "eval.max_batches": 0, "eval.final_num_times": 0, "eval.final_max_batches": 0, "eval.num_samples": 0,
+    "eval.sample_steps": 1, "eval.curve_points": 2, "eval.curve_max_sequences": 1, "eval.geometry_top_tokens": 1,
+    "model.mlp_ratio": 1, "model.cond_dim": 1, "model.cond_freqs": 1, "model.max_seq_len": 1,
+    "model.schedule_hidden": 1, "diffusion.output_prior_warmup_steps": 0,
+}
+
+
+def _at_least(key: str, value: Any, minimum: float) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+    raise errors.ConfigError(f"{key}={value!r} is not allowed: it must be a number >= {minimum}; "
+                             f"pass --config.{key}=<a value >= {minimum}> (the meaning of each key is in configs/base.py).")
+
+
 def validate(c: Config) -> None:
   """Checks that no single dataclass field can check on its own."""
+  for key, minimum in MINIMUMS.items():
+    section, field = key.split(".")
+    _at_least(key, getattr(getattr(c, section), field), minimum)
+  if not c.optim.ema_decay < 1:
+    raise errors.ConfigError(f"optim.ema_decay={c.optim.ema_decay} must lie in [0, 1) (0 disables the EMA).")
   _choice("objective", c.objective, OBJECTIVES)
   m, d, t = c.model, c.diffusion, c.train
   _choice("model.cond_input", m.cond_input, model_lib.COND_INPUTS)
@@ -214,3 +241,48 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
   config = Config(**built)
   validate(config)
   return config
+
+
+# ---- resuming with another config.
+
+# Keys whose change breaks a resumed run or the comparability of its results: refused on resume unless the
+# run is started with --allow_config_changes. Every other key (learning rates, schedule length, logging,
+# evaluation, checkpointing, mesh, sampling) may change; each change is listed in the log.
+FROZEN_ON_RESUME = ("objective", "seed", "model.", "diffusion.", "data.", "train.batch_size",
+                    "train.grad_accum_steps")
+_NOT_FROZEN = ("data.num_workers", "data.cache_dir")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+  else:
+    out[prefix[:-1]] = tree
+  return out
+
+
+def _plain(value: Any) -> Any:
+  """JSON-like form of a config value (tuples as lists), as saved in checkpoint metadata."""
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, new value) for every key that differs; absent keys read as '<absent>'."""
+  a, b = _flatten(saved), _flatten(new)
+  absent = "<absent>"
+  return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
+          if _plain(a.get(k, absent)) != _plain(b.get(k, absent))]
+
+
+def frozen_on_resume(key: str) -> bool:
+  if key in _NOT_FROZEN:
+    return False
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FROZEN_ON_RESUME)
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+  return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)

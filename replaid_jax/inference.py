@@ -19,6 +19,7 @@ from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import objectives
+from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.train import loop
@@ -27,7 +28,7 @@ REQUIRED_ITEMS = ("ema_params", "metadata")
 
 
 def _step_dir(ckpt: ckpt_lib.Checkpointer, step: int) -> str:
-  return os.path.join(ckpt.directory, str(step))
+  return ckpt.step_dir(step)
 
 
 def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpointer, int, dict]:
@@ -42,23 +43,49 @@ def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpoint
   if step not in steps:
     raise errors.CheckpointError(f"no complete checkpoint for step {step} in {ckpt.directory}; available steps: "
                                  f"{sorted(steps)}.")
+  status, why = ckpt.verify(step)
+  if status == ckpt_lib.DAMAGED:
+    raise errors.CheckpointError(f"checkpoint step {step} in {ckpt.directory} is damaged: {why}. "
+                                 f"{intact_hint(ckpt, step)}")
   missing = [item for item in REQUIRED_ITEMS
-             if not os.path.isdir(os.path.join(_step_dir(ckpt, step), item))
-             or not os.listdir(os.path.join(_step_dir(ckpt, step), item))]
+             if not paths.isdir(paths.join(_step_dir(ckpt, step), item))
+             or not any(paths.path(paths.join(_step_dir(ckpt, step), item)).iterdir())]
   if missing:
     raise errors.CheckpointError(
         f"checkpoint step {step} in {ckpt.directory} is incomplete: item(s) {', '.join(missing)} missing or empty. "
-        f"Evaluate another step (available: {sorted(steps)}) or restore the files.")
+        f"{intact_hint(ckpt, step)}")
   try:
     meta = ckpt.metadata(step)
   except errors.ReplaidError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} cannot be read "
-                                 f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged.") from None
+                                 f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged. "
+                                 f"{intact_hint(ckpt, step)}") from None
   if not isinstance(meta, dict):
-    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} is not a JSON object.")
+    raise errors.CheckpointError(f"the metadata of checkpoint step {step} in {ckpt.directory} is not a JSON object. "
+                                 f"{intact_hint(ckpt, step)}")
   return ckpt, step, meta
+
+
+def intact_hint(ckpt: ckpt_lib.Checkpointer, bad_step: int, model: "Model | None" = None) -> str:
+  """Names the newest other step that verifies against its checksums (and, given `model`, holds finite EMA
+  parameters): the step to pass with --step."""
+  for s in sorted(ckpt.all_steps(), reverse=True):
+    if s == bad_step:
+      continue
+    status, _ = ckpt.verify(s)
+    if status == ckpt_lib.DAMAGED:
+      continue
+    if model is not None:
+      try:
+        if not ckpt_lib.all_finite(ckpt.restore_ema_params(s, model.abstract_params)):
+          continue
+      except Exception:  # pylint: disable=broad-except
+        continue
+    note = "" if status == ckpt_lib.OK else " (it has no checksum manifest to verify)"
+    return f"The newest intact step is {s}{note}: pass --step={s}."
+  return "No other step is intact; restore the files or train again."
 
 
 @dataclasses.dataclass
@@ -117,11 +144,14 @@ def restore_params(ckpt: ckpt_lib.Checkpointer, step: int, model: Model) -> dict
   except Exception as e:  # pylint: disable=broad-except
     raise errors.CheckpointError(
         f"the EMA parameters of checkpoint step {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:400]}); the checkpoint is incomplete or damaged: evaluate another step "
-        f"(available: {ckpt.all_steps()}).") from None
+        f"{str(e)[:400]}); the checkpoint is incomplete or damaged. {intact_hint(ckpt, step)}") from None
   got = {_path(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
   expected = {_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]}
   _check_shapes(got, expected, ckpt, step, model.config)
+  if not ckpt_lib.all_finite(params):
+    raise errors.CheckpointError(
+        f"checkpoint step {step} in {ckpt.directory} holds non-finite EMA parameters (the run diverged before it was "
+        f"saved); its bound or samples would be meaningless. {intact_hint(ckpt, step, model)}")
   return params
 
 
@@ -175,7 +205,7 @@ def checkpoint_tokenizer(meta: dict, workdir: str, path_override: str = "",
   if path_override:
     candidates = [os.path.expanduser(path_override)]
   else:
-    candidates = [recorded, os.path.join(os.path.abspath(workdir), "tokenizer", os.path.basename(recorded))]
+    candidates = [recorded, paths.join(paths.absolute(workdir), "tokenizer", os.path.basename(recorded))]
   found = []
   for path in dict.fromkeys(candidates):
     if not path or not os.path.isfile(path):

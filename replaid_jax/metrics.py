@@ -4,6 +4,7 @@ TensorBoard files are written with tensorboardX (no TensorFlow). Only process 0
 writes; other processes get a writer that drops everything.
 """
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 import numpy as np
+
+from replaid_jax import paths
 
 
 def _plain(v: Any) -> Any:
@@ -31,26 +34,47 @@ def _fmt(v: Any) -> str:
 class MetricWriter:
   """Fans scalars out to the console, <dir>/metrics.jsonl and TensorBoard."""
 
-  def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool | None = None):
+  def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool | None = None,
+               resume_step: int | None = None):
+    """`resume_step`: a run resumed from that step drops the rows (and TensorBoard events) logged after it
+    by the invocation that stopped, since those steps are trained and logged again.
+
+    `directory` may be a bucket URI (gs://...): there, where files cannot be appended to, metrics.jsonl is
+    rewritten whole at most every `REMOTE_FLUSH_SECONDS` and on close.
+    """
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.directory = directory
     self._tb = None
     self._jsonl = None
+    self._remote_rows: list[str] | None = None
+    self._last_flush = 0.0
     if not self.enabled:
       return
-    os.makedirs(directory, exist_ok=True)
-    self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+    paths.makedirs(directory)
+    path = paths.join(directory, "metrics.jsonl")
+    if paths.is_uri(directory):
+      self._remote_rows = _read_rows(path, resume_step) if paths.exists(path) else []
+    else:
+      if resume_step is not None and os.path.exists(path):
+        paths.write_text_atomic(path, "".join(_read_rows(path, resume_step)))
+      self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(directory, flush_secs=30)
+      purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+      self._tb = SummaryWriter(directory, flush_secs=30, **purge)
 
   def write(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "", console: bool = True) -> None:
     if not self.enabled:
       return
     row = {k: _plain(v) for k, v in scalars.items()}
     record = {"step": int(step), "time": time.time(), **{f"{prefix}{k}": v for k, v in row.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._remote_rows is not None:
+      self._remote_rows.append(json.dumps(record) + "\n")
+      if time.time() - self._last_flush >= REMOTE_FLUSH_SECONDS:
+        self._flush_remote()
+    else:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -58,20 +82,26 @@ class MetricWriter:
     if console:
       logging.info("[%d] %s", step, "  ".join(f"{prefix}{k}={_fmt(v)}" for k, v in row.items()))
 
+  def _flush_remote(self) -> None:
+    paths.write_text_atomic(paths.join(self.directory, "metrics.jsonl"), "".join(self._remote_rows))
+    self._last_flush = time.time()
+
   def write_json(self, name: str, payload: Mapping[str, Any]) -> str:
     """Writes payload to <dir>/<name> atomically; returns the path."""
-    path = os.path.join(self.directory, name)
+    path = paths.join(self.directory, name)
     if self.enabled:
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=_plain)
-      os.replace(tmp, path)
+      paths.write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=_plain))
     return path
 
   def write_array(self, name: str, array: np.ndarray) -> str:
     """Writes array to <dir>/<name> (.npy) atomically; returns the path."""
-    path = os.path.join(self.directory, name)
+    path = paths.join(self.directory, name)
     if self.enabled:
+      if paths.is_uri(path):
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(array))
+        paths.path(path).write_bytes(buf.getvalue())
+        return path
       tmp = path + ".tmp"
       with open(tmp, "wb") as f:
         np.save(f, np.asarray(array))
@@ -79,10 +109,32 @@ class MetricWriter:
     return path
 
   def close(self) -> None:
+    if self._remote_rows is not None:
+      self._flush_remote()
+      self._remote_rows = None
     if self._jsonl is not None:
       self._jsonl.close()
+      self._jsonl = None
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+
+REMOTE_FLUSH_SECONDS = 30.0
+
+
+def _read_rows(path: str, up_to_step: int | None) -> list[str]:
+  """The rows of a metrics.jsonl, up to `up_to_step` when given; a partly written last line is dropped."""
+  kept = []
+  with paths.open_file(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and (up_to_step is None or int(row.get("step", 0)) <= up_to_step):
+        kept.append(line if line.endswith("\n") else line + "\n")
+  return kept
 
 
 class Progress:

@@ -16,6 +16,7 @@ import pytest
 
 from configs import tiny
 from conftest import TINY_DIFFUSION, TINY_MODEL, perturbed_params
+from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax.data import pipeline
@@ -310,10 +311,13 @@ def run_copy(trained_run, tmp_path):
 
 
 def _edit_metadata(workdir, step, fn):
+  """Edits a step's metadata and records the edit in its checksum manifest (as another code version would have
+  written it); an edit without a new manifest is reported as damage."""
   path = workdir / "checkpoints" / str(step) / "metadata" / "metadata"
   meta = json.loads(path.read_text())
   fn(meta)
   path.write_text(json.dumps(meta))
+  ckpt_lib.write_manifest(str(workdir / "checkpoints" / str(step)))
 
 
 _QUICK = {"eval.max_batches": 1, "eval.final_num_times": 2}
@@ -326,7 +330,7 @@ def test_loading_fails_clearly_on_missing_partial_mismatched_checkpoints_and_tok
   with pytest.raises(errors.CheckpointError, match=r"no complete checkpoint for step 3 .* available steps: \[2, 4\]"):
     ev(str(run_copy), step=3)
   shutil.rmtree(run_copy / "checkpoints" / "4" / "ema_params")
-  with pytest.raises(errors.CheckpointError, match="step 4 .* incomplete: item.s. ema_params missing"):
+  with pytest.raises(errors.CheckpointError, match="step 4 .* damaged: ema_params/.* is missing.*pass --step=2"):
     ev(str(run_copy), step=4)
   os.remove(run_copy / "checkpoints" / "2" / "ema_params" / "manifest.ocdbt")
   with pytest.raises(errors.CheckpointError, match="step 2"):

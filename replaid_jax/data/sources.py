@@ -5,15 +5,18 @@ returns an already tokenised stream. Every failure a user can fix raises
 `DataError` naming the file or config key and the fix.
 """
 
+import fnmatch
 import functools
 import glob
 import importlib.util
+import io
 import json
 import os
 import re
 
 import numpy as np
 
+from replaid_jax import paths
 from replaid_jax.errors import DataError
 
 # Markdown escapes (`\[`, `\--`) keep the escaped character; bare `*` and `_`
@@ -103,6 +106,9 @@ def _expand(spec: str, *, what: str, suffixes: tuple[str, ...]) -> list[str]:
         f" (files ending in {', '.join(suffixes)}).")
   files = []
   for pattern in patterns:
+    if paths.is_uri(pattern):
+      files += [m for m in _expand_uri(pattern, what=what, suffixes=suffixes) if m not in files]
+      continue
     pattern = os.path.expanduser(pattern)
     if glob.has_magic(pattern):
       matches = sorted(p for p in glob.glob(pattern, recursive=True)
@@ -132,8 +138,31 @@ def _expand(spec: str, *, what: str, suffixes: tuple[str, ...]) -> list[str]:
   return files
 
 
+def _expand_uri(pattern: str, *, what: str, suffixes: tuple[str, ...]) -> list[str]:
+  """A bucket path or glob (gs://bucket/dir/*.npy; '*', '?' and '[...]' within one path component) through
+  etils.epath."""
+  scheme, rest = pattern.split("://", 1)
+  parts = [p for p in rest.split("/") if p]
+  if "**" in parts:
+    raise DataError(f"{what}: '{pattern}': '**' is not supported in bucket paths; list the folders.")
+  current = [f"{scheme}://{parts[0]}"] if parts else []
+  for part in parts[1:]:
+    if glob.has_magic(part):
+      current = [paths.join(c, child.name) for c in current if paths.isdir(c)
+                 for child in paths.path(c).iterdir() if fnmatch.fnmatchcase(child.name, part)]
+    else:
+      current = [paths.join(c, part) for c in current]
+  matches = sorted(c for c in current if paths.exists(c) and not paths.isdir(c))
+  if not matches:
+    raise DataError(f"{what}: no file at or matching '{pattern}'. Check the bucket path.")
+  for path in matches:
+    if not path.lower().endswith(suffixes):
+      raise DataError(f"{what}: '{path}' has an unsupported suffix. Use files ending in {', '.join(suffixes)}.")
+  return matches
+
+
 def _read_utf8(path: str) -> str:
-  with open(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     data = f.read()
   try:
     text = data.decode("utf-8")
@@ -222,7 +251,10 @@ def read_token_arrays(spec: str, *, vocab_size: int | None, what: str) -> np.nda
   streams = []
   for path in _expand(spec, what=what, suffixes=(".npy",)):
     try:
-      arr = np.load(path, mmap_mode="r", allow_pickle=False)
+      if paths.is_uri(path):  # read whole: buckets have no memory maps
+        arr = np.load(io.BytesIO(paths.path(path).read_bytes()), allow_pickle=False)
+      else:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
       raise DataError(
           f"{path}: not a readable .npy array ({e}). Write it with"

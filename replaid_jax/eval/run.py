@@ -47,6 +47,7 @@ from replaid_jax import flops as flops_lib
 from replaid_jax import inference
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import objectives
+from replaid_jax import paths
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
@@ -239,7 +240,7 @@ class Session:
 
 
 def output_dir_for(workdir: str, output_dir: str | None) -> str:
-  return os.path.abspath(output_dir) if output_dir else os.path.join(os.path.abspath(workdir), "eval")
+  return paths.absolute(output_dir) if output_dir else paths.join(paths.absolute(workdir), "eval")
 
 
 def result_path(workdir: str, step: int, dataset: str, split: str, output_dir: str | None = None,
@@ -286,7 +287,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
             else {"gamma_0": None, "gamma_1": None})
   result = {
       "objective": c.objective,
-      "step": step, "workdir": os.path.abspath(workdir), "checkpoint": os.path.join(ckpt.directory, str(step)),
+      "step": step, "workdir": paths.absolute(workdir), "checkpoint": paths.join(ckpt.directory, str(step)),
       "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
       "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
       "model": {"num_params": params_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
@@ -301,6 +302,10 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   try:
     if "bound" in analyses:
       result.update(_bound(session, c, model, params, evalset, key, put, label, timing))
+      if not math.isfinite(result["nats_per_token"]):
+        raise errors.CheckpointError(
+            f"the bound of checkpoint step {step} is not finite ({result['nats_per_token']}); nothing was written. "
+            "The parameters are finite, so the model overflows on this data; evaluate an earlier step (--step).")
       scalars = {k: result[k] for k in ("nats_per_token", "bits_per_token", "perplexity_bound", "stderr", "recon",
                                         "diffusion", "prior")}
       if "tokens_per_s" in result.get("throughput", {}):
@@ -414,10 +419,10 @@ def _curves(session: Session, c, model: Model, params, evalset, key, put, label:
   stem = f"curves_{evalset.name}_{evalset.split}_step{step}"
   out = {**curves, "summary": summary, "seconds": time.time() - t0, "json": os.path.join(out_dir, stem + ".json")}
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     out["png"] = curves_lib.save_plot(curves, summary, os.path.join(out_dir, stem + ".png"),
                                       f"information loss, {evalset.name}/{evalset.split}, step {step}")
-    with open(out["json"], "w", encoding="utf-8") as f:
+    with paths.open_file(out["json"], "w") as f:
       json.dump(out, f, indent=2)
   logging.info("curves %s: CE(t) linear R^2 = %.4f, CV of l(t) = %.3f, integral of l(t) = %.4f", label,
                summary["ce_linear_fit"]["r2"], summary["diffusion_cv"], summary["diffusion_integral_trapezoid"])
@@ -432,10 +437,10 @@ def _geometry(c, params, evalset, tok, out_dir: str, step: int) -> dict:
   stem = f"geometry_step{step}"
   result["json"] = os.path.join(out_dir, stem + ".json")
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     result["png"] = geometry_lib.save_scree(result, os.path.join(out_dir, stem + ".png"),
                                             f"embedding PCA, step {step} (d_e={result['embed_dim']})")
-    with open(result["json"], "w", encoding="utf-8") as f:
+    with paths.open_file(result["json"], "w") as f:
       json.dump(result, f, indent=2)
   logging.info("geometry step %d: %d of %d components hold 90%% of the variance (all rows; %s frequency-weighted)",
                step, result["all_rows"]["components_for_90pct"], result["embed_dim"],
@@ -473,7 +478,7 @@ def summary_line(r: dict) -> str:
 
 def _listed_steps(workdir: str) -> list[int] | None:
   """Complete checkpoint steps now, or None while <workdir>/checkpoints does not exist yet."""
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+  if not paths.isdir(ckpt_lib.checkpoint_dir(workdir)):
     return None
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
@@ -505,7 +510,7 @@ def watch(workdir: str, *, dataset: str = "validation", overrides: dict[str, Any
           continue
         done.add(step)
         path = result_path(workdir, step, dataset, split, output_dir, max_batches)
-        if os.path.exists(path):
+        if paths.exists(path):
           logging.info("step %d already evaluated (%s)", step, path)
           continue
         try:

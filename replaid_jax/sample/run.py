@@ -7,9 +7,10 @@
   2. loads the checkpoint's tokenizer and checks it against the recorded sha256 and
      vocabulary, then tokenises the prompts and words (sample.prefix, ...);
   3. samples in batches sharded over the mesh's batch axes, with a progress bar;
-  4. writes <workdir>/samples/step<N>.jsonl (one row per sample: text, tokens, seed,
+  4. writes <workdir>/samples/step<N>.jsonl, or step<N>_2.jsonl, ... when that exists, or
+     --output (one row per sample: text, tokens, seed,
      sampler settings, checkpoint step, unigram entropy, conditioning figures) and
-     step<N>.summary.json (means, generative perplexity if sample.judge is set, timing),
+     <same name>.summary.json (means, generative perplexity if sample.judge is set, timing),
      and prints the samples.
 """
 
@@ -36,6 +37,7 @@ from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
 from replaid_jax import inference
 from replaid_jax import objectives
+from replaid_jax import paths
 from replaid_jax.sample import prompts
 from replaid_jax.sample import quality
 
@@ -141,10 +143,34 @@ def batch_size(requested: int, num_samples: int, divisor: int) -> int:
   return min(round_up(requested), round_up(num_samples))
 
 
+def output_path(workdir: str, step: int, output: str | None = None) -> str:
+  """Where a sampling run writes: `output` (which must not exist), else the first free name of
+  <workdir>/samples/step<N>.jsonl, step<N>_2.jsonl, step<N>_3.jsonl, ... (earlier samples are never overwritten)."""
+  if output:
+    path = paths.absolute(output)
+    if not path.endswith(".jsonl"):
+      raise errors.ConfigError(f"--output={output} must name a .jsonl file.")
+    if paths.exists(path):
+      raise errors.ConfigError(f"--output={output} exists; pass a new file name (samples are never overwritten).")
+    return path
+  folder = paths.join(workdir, "samples")
+  n = 1
+  while True:
+    path = paths.join(folder, f"step{step}{'' if n == 1 else f'_{n}'}.jsonl")
+    if not paths.exists(path) and not paths.exists(path[:-len(".jsonl")] + ".summary.json"):
+      return path
+    n += 1
+
+
 def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[str, Any] | None = None,
-                      benchmark: bool = False) -> dict:
-  """Generates samples from a run's checkpoint; returns the summary (also written next to the samples)."""
-  workdir = os.path.abspath(workdir)
+                      benchmark: bool = False, output: str | None = None) -> dict:
+  """Generates samples from a run's checkpoint; returns the summary (also written next to the samples).
+
+  The samples go to `output_path(workdir, step, output)`, the summary next to them (<name>.summary.json).
+  """
+  workdir = paths.absolute(workdir)
+  if output:
+    output_path(workdir, 0, output)  # fail before any work
   ck, step, meta = inference.open_checkpoint(workdir, step)
   try:
     c, filled = resolve_config(meta.get("config") or {}, overrides, meta.get("vocab_size"))
@@ -259,16 +285,11 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
                  summary["generative_perplexity"]["gen_ppl"], summary["generative_perplexity"]["judge_tokens"])
 
   if jax.process_index() == 0:
-    folder = os.path.join(workdir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step{step}.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      for rec in rows:
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    path = output_path(workdir, step, output)
+    paths.makedirs(os.path.dirname(path))
+    paths.write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
     summary["samples_file"] = path
-    with open(os.path.join(folder, f"step{step}.summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, ensure_ascii=False)
+    paths.write_text_atomic(path[:-len(".jsonl")] + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     _print(rows, summary, s.print_samples)
   return summary
 

@@ -3,13 +3,17 @@
 `train_and_evaluate(config, workdir)`:
   1. converts and validates the config; loads (or builds) the tokenizer and data;
   2. builds the mesh, the sharded parameters and optimizer state;
-  3. resumes from the workdir's latest checkpoint if there is one, else starts
-     from scratch (a resumed run continues the data order and random stream
-     exactly where they stopped);
+  3. takes the workdir lock, then resumes from the workdir's newest intact
+     checkpoint if there is one (damaged newer steps are set aside; config
+     differences are listed, and those that change the model, data or objective
+     refused), else starts from scratch (a resumed run continues the data order
+     and random stream exactly where they stopped);
   4. trains, logging metrics, throughput and ETA, evaluating and checkpointing
      on schedule, until `train.num_steps` or `train.max_minutes`; a preemption
      notice (SIGTERM, see replaid_jax/distributed.py) ends it at the next step
-     with a checkpoint and no final evaluation;
+     with a checkpoint and no final evaluation; a step with a non-finite loss or
+     gradients is not applied, and more of them than train.skip_nonfinite_steps
+     stop the run before anything non-finite could be saved;
   5. saves, then evaluates the EMA parameters on the whole validation split and
      writes <workdir>/eval/final.json (and a few samples).
 """
@@ -35,7 +39,9 @@ from replaid_jax import distributed
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax import metrics as metrics_lib
+from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
+from replaid_jax import workdir_lock
 from replaid_jax.data import arrayrecord
 from replaid_jax.data import pipeline
 from replaid_jax import objectives
@@ -222,17 +228,113 @@ class _Evaluator:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+                       allow_config_changes: bool = False, resume_from_step: int | None = None) -> dict:
   """Trains (or resumes) a run in `workdir`; returns the final evaluation.
 
   `stop_after` ends this invocation after that many steps with a checkpoint and
   no final evaluation, as a preempted job would; rerunning resumes it.
+  `allow_config_changes` lets a run resume with a config that differs from the
+  saved one in keys that change the model, data or objective (see
+  config_lib.FROZEN_ON_RESUME); other differences are always allowed and logged.
+  `resume_from_step` resumes from that checkpoint instead of the newest one;
+  newer ones are moved to <workdir>/checkpoints_damaged/ (the way back from a
+  run that diverged after its newest checkpoint was written).
   """
   t_start = time.time()
   c = config_lib.from_config_dict(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "train"))
+  workdir = paths.absolute(workdir)
+  if paths.exists(workdir) and not paths.isdir(workdir):
+    raise errors.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a new or existing directory.")
+  if paths.is_uri(workdir) and c.data.source == "text" and not (c.data.tokenizer_path or c.data.cache_dir):
+    raise errors.ConfigError(f"--workdir={workdir} is a bucket, where a tokenizer cannot be trained and cached; set "
+                             "data.cache_dir to a local directory (or data.tokenizer_path to a trained model).")
+  try:
+    paths.makedirs(workdir)
+  except OSError as e:
+    raise errors.ConfigError(f"--workdir={workdir} cannot be created ({e.strerror or e}); pass a directory you can "
+                             "write to.") from None
+  with workdir_lock.WorkdirLock(workdir):
+    return _train(config, c, workdir, t_start, stop_after=stop_after, allow_config_changes=allow_config_changes,
+                  resume_from_step=resume_from_step)
+
+
+def resume(ckpt: ckpt_lib.Checkpointer, run: Run, train_iter: Any, config_dict: dict, *,
+           allow_config_changes: bool = False, resume_from_step: int | None = None
+           ) -> tuple[step_lib.TrainState | None, int | None]:
+  """(restored state, step) from the newest intact checkpoint, or (None, None) when there is none yet.
+
+  Newer steps that are damaged (checksums, missing or unreadable files, or
+  non-finite values written by an older version) are reported in one line each
+  and moved to <workdir>/checkpoints_damaged/. A step that verifies but does not
+  fit the config, or a config that differs from the saved one in keys that
+  change the model, data or objective, stops the run (see config_lib).
+  """
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  damaged: list[tuple[int, str]] = []
+  if resume_from_step is not None:
+    if resume_from_step not in steps:
+      raise errors.ConfigError(f"--resume_from_step={resume_from_step}: there is no checkpoint of that step in "
+                               f"{ckpt.directory}; its steps are {sorted(steps) or 'none'}.")
+    damaged = [(s, f"it is newer than --resume_from_step={resume_from_step}") for s in steps if s > resume_from_step]
+    steps = [s for s in steps if s <= resume_from_step]
+  if not steps:
+    return None, None
+  abstract = ckpt_lib.abstract_like(run.state)
+  for s in steps:
+    status, why = ckpt.verify(s)
+    if status == ckpt_lib.DAMAGED:
+      damaged.append((s, why))
+      continue
+    try:
+      saved = ckpt.metadata(s)
+      if not isinstance(saved, dict):
+        raise ValueError("the metadata is not a JSON object")
+    except Exception as e:  # pylint: disable=broad-except
+      if status == ckpt_lib.OK:
+        raise errors.CheckpointError(f"the metadata of checkpoint step {s} in {ckpt.directory} cannot be read "
+                                     f"({type(e).__name__}: {str(e)[:300]}); resume with the code version that "
+                                     "wrote it.") from None
+      damaged.append((s, f"its metadata cannot be read ({type(e).__name__})"))
+      continue
+    check_resume_compatible(saved, run)
+    changes = config_lib.config_changes(saved.get("config") or {}, config_dict)
+    frozen = [ch for ch in changes if config_lib.frozen_on_resume(ch[0])]
+    if frozen and not allow_config_changes:
+      raise errors.ConfigError(
+          f"the config differs from the one checkpoint step {s} was trained with in key(s) that change the model, "
+          f"data or objective: {config_lib.describe_changes(frozen)}; resume with the saved values, use a new "
+          "--workdir, or pass --allow_config_changes to resume anyway.")
+    try:
+      state = ckpt.restore_state(s, abstract, train_iter)
+    except Exception as e:  # pylint: disable=broad-except
+      if status == ckpt_lib.OK or jax.process_count() > 1:
+        changed = f" The config differs from the saved one in: {config_lib.describe_changes(changes)}." if changes else ""
+        raise errors.CheckpointError(
+            f"checkpoint step {s} in {ckpt.directory} does not fit the train state built from this config "
+            f"({type(e).__name__}: {str(e)[:300]}).{changed} Resume with the config that wrote it.") from None
+      damaged.append((s, f"it cannot be restored ({type(e).__name__}: {str(e)[:120]})"))
+      continue
+    if not ckpt_lib.all_finite((state.params, state.ema_params, state.opt_state)):
+      damaged.append((s, "it holds non-finite parameters, EMA or optimizer state"))
+      continue
+    if changes:
+      logging.warning("resuming from step %d with a config that differs from the saved one: %s", s,
+                      config_lib.describe_changes(changes))
+    if damaged:
+      moved = ckpt.set_aside([d for d, _ in damaged])
+      for (d, why), dest in zip(damaged, moved + [""] * len(damaged)):
+        logging.warning("checkpoint step %d is set aside: %s; moved to %s; resuming from step %d", d, why,
+                        dest or ckpt_lib.DAMAGED_DIR, s)
+    return state, s
+  raise errors.CheckpointError(
+      f"no intact checkpoint in {ckpt.directory}: "
+      + "; ".join(f"step {d}: {why}" for d, why in damaged)
+      + ". Restore the files, or move the checkpoints away (or use a new --workdir) to start again.")
+
+
+def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str, t_start: float, *,
+           stop_after: int | None, allow_config_changes: bool, resume_from_step: int | None) -> dict:
   logging.info("RePlaid-JAX %s | jax %s | %d process(es), %d device(s): %s", replaid_jax.__version__,
                jax.__version__, jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
 
@@ -254,14 +356,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   else:
     train_iter = pipeline.train_iterator(corpus.train, **shard_args)
   meta = metadata(run, config.to_dict())
-  state = run.state
-  latest = ckpt.latest_step()
+  try:
+    restored, latest = resume(ckpt, run, train_iter, meta["config"], allow_config_changes=allow_config_changes,
+                              resume_from_step=resume_from_step)
+  except BaseException:
+    ckpt.close()
+    raise
+  # Metrics logged after the checkpoint a run resumes from are dropped: those steps are trained again.
+  writer = metrics_lib.MetricWriter(paths.join(workdir, "train"), resume_step=latest)
   if latest is not None:
-    check_resume_compatible(ckpt.metadata(latest), run)
-    state = ckpt.restore_state(latest, ckpt_lib.abstract_like(state), train_iter)
+    state = restored
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
+    state = run.state
     writer.write_json("config.json", meta)
+  try:
+    return _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after)
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+@jax.jit
+def _track_nonfinite(count, first, flag, step):
+  """Device-side tally of skipped (non-finite) steps and the first of them: no host sync per step."""
+  return count + flag, jnp.where((first < 0) & (flag > 0), step, first)
+
+
+def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after) -> dict:
 
   step_fn = compile_step(run)
   base_key = jax.random.key(c.seed)
@@ -302,12 +424,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   last_saved = latest
   preempted = False
 
-  def log(step_done: int, m: dict) -> None:
-    m = jax.device_get(m)
-    if not np.isfinite(m["loss"]):
+  nonfinite = {"count": jnp.zeros((), jnp.int32), "first": jnp.full((), -1, jnp.int32), "reported": 0}
+
+  def check_nonfinite() -> None:
+    """Stops when more steps than train.skip_nonfinite_steps had a non-finite loss or gradients (none applied)."""
+    count, first = (int(x) for x in jax.device_get((nonfinite["count"], nonfinite["first"])))
+    if count > c.train.skip_nonfinite_steps:
+      ckpt.wait()
+      newest = ckpt.latest_step()
+      lr = c.optim.lr
       raise errors.TrainingError(
-          f"non-finite loss {m['loss']} at step {step_done}; the last checkpoint ({ckpt.latest_step()}) is intact. "
-          "Lower optim.lr or raise optim.warmup_steps.")
+          f"non-finite loss or gradients at step {first} ({count} step(s) in this run, train.skip_nonfinite_steps="
+          f"{c.train.skip_nonfinite_steps}); no such update was applied and nothing non-finite was saved; the newest "
+          f"checkpoint is step {newest if newest is not None else 'none (the run restarts from scratch)'}. To go on, "
+          f"rerun with a lower learning rate (e.g. --config.optim.lr={lr / 10:g}; it may change on resume), from an "
+          f"earlier checkpoint with --resume_from_step=N if the newest one diverges again, or skip such batches with "
+          f"--config.train.skip_nonfinite_steps=N.")
+    if count > nonfinite["reported"]:
+      logging.warning("skipped %d step(s) with a non-finite loss or gradients so far (the first at step %d; "
+                      "train.skip_nonfinite_steps=%d): their updates were not applied", count, first,
+                      c.train.skip_nonfinite_steps)
+      nonfinite["reported"] = count
+
+  def save(step_done: int, *, force: bool = False) -> None:
+    check_nonfinite()
+    if not ckpt_lib.all_finite((state.params, state.ema_params, state.opt_state)):
+      raise errors.TrainingError(f"the train state is not finite at step {step_done}; it was not saved. Rerun with a "
+                                 "lower learning rate (--config.optim.lr) to resume from the newest checkpoint "
+                                 f"({ckpt.latest_step()}).")
+    ckpt.save(step_done, state, train_iter, meta, force=force)
+
+  def log(step_done: int, m: dict) -> None:
+    check_nonfinite()
+    m = jax.device_get(m)
     rate = progress.rate(step_done)
     achieved = rate * step_flops
     m.update({"steps_per_s": rate, "tokens_per_s": rate * tokens_per_step, "flops_per_s": achieved,
@@ -330,9 +479,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     if jax.process_index() == 0:
       if c.objective == "replaid":
         plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
-                                 os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+                                 paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
       plots.save_bound_curve({"run": plots.read_validation_curve(workdir)},
-                             os.path.join(workdir, "plots", "bound_vs_minutes.png"))
+                             paths.join(workdir, "plots", "bound_vs_minutes.png"))
     last_eval_time = time.time()
     return res
 
@@ -340,6 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   while step < stop_at and not progress.out_of_time():
     state, m = compiled(state, batch, base_key)
     step += 1
+    nonfinite["count"], nonfinite["first"] = _track_nonfinite(nonfinite["count"], nonfinite["first"],
+                                                              m["nonfinite"], state.step)
     if pending is not None:
       log(*pending)
       pending = None
@@ -348,38 +499,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     # Save before drawing the next batch: the saved iterator state then points at
     # the first batch not yet trained on.
     if c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0:
-      ckpt.save(step, state, train_iter, meta)
+      save(step)
       last_saved = step
+      if pending is not None:  # a checkpoint's own step is logged as it is saved: a resume never loses its row
+        log(*pending)
+        pending = None
     if distributed.preemption_point(step):  # every process stops at the same step
       preempted = True
       break
     minutes_due = c.train.eval_every_minutes and time.time() - last_eval_time >= 60 * c.train.eval_every_minutes
     if (c.train.eval_every and step % c.train.eval_every == 0) or minutes_due:
       if step < c.train.num_steps:
+        check_nonfinite()
         validate(step, final=False)
     if step < stop_at:
       batch = global_batch(run, next(train_iter))
   if pending is not None:
     log(*pending)
+  check_nonfinite()
 
   if last_saved != step:
-    ckpt.save(step, state, train_iter, meta, force=True)
+    save(step, force=True)
   ckpt.wait()
   if preempted:
     reason = distributed.preemption_reason()
     logging.info("preempted at step %d%s; checkpoint saved; rerun to resume", step, f" ({reason})" if reason else "")
-    ckpt.close()
-    writer.close()
     return {"step": step, "stopped": True, "preempted": True}
   if step < c.train.num_steps and not progress.out_of_time():
     logging.info("stopped at step %d of %d; rerun the same command to resume", step, c.train.num_steps)
-    ckpt.close()
-    writer.close()
     return {"step": step, "stopped": True}
   train_minutes = (time.time() - t_start) / 60
   if not c.eval.final_num_times:
-    ckpt.close()
-    writer.close()
     return {"step": step, "train_minutes": train_minutes}
   final = validate(step, final=True)
   final.update({
@@ -388,8 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
       "forward_flops_per_sequence": fwd, "train_flops_per_step": analytic,
       "train_flops_per_step_no_selfcond": analytic_no_sc, "train_flops": analytic * step,
   })
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  metrics_lib.MetricWriter(os.path.join(workdir, "eval"), tensorboard=False).write_json("final.json", final)
+  metrics_lib.MetricWriter(paths.join(workdir, "eval"), tensorboard=False).write_json("final.json", final)
   logging.info("validation bound at step %d: %.4f ± %.4f nats/token (perplexity ≤ %.2f) over %d sequences, K=%d; "
                "unigram %.4f; ratio %.3f", step, final["nats_per_token"], final["stderr"], final["perplexity_bound"],
                final["num_sequences"], final["num_times"], final["unigram_nats_per_token"], final["ratio_to_unigram"])
@@ -397,11 +546,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     toks = run.objective.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
                                 num_samples=c.eval.num_samples, seq_len=c.data.seq_len, num_steps=c.eval.sample_steps)
     texts = [corpus.tokenizer.decode([int(t) for t in row]) for row in np.asarray(toks)]
-    with open(os.path.join(workdir, "eval", f"samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
+    with paths.open_file(paths.join(workdir, "eval", f"samples_step{step}.jsonl"), "w") as f:
       for text, row in zip(texts, np.asarray(toks)):
         f.write(json.dumps({"step": step, "steps": c.eval.sample_steps, "text": text, "tokens": row.tolist()}) + "\n")
     for i, text in enumerate(texts):
       logging.info("sample %d:\n%s", i, text)
-  ckpt.close()
-  writer.close()
   return final

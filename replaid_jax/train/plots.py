@@ -4,7 +4,17 @@ import os
 
 import numpy as np
 
+from replaid_jax import paths
 from replaid_jax.diffusion import sampler
+
+
+def _save(fig, path: str) -> None:
+  """savefig to a local path or a bucket URI."""
+  if paths.is_uri(path):
+    with paths.open_file(path, "wb") as f:
+      fig.savefig(f, format="png")
+  else:
+    fig.savefig(path)
 
 
 def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_points: int = 200) -> str:
@@ -15,7 +25,7 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
 
   gammas = sampler.gamma_grid(params, num_points, schedule)
   t = np.linspace(0.0, 1.0, num_points + 1)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  paths.makedirs(os.path.dirname(path))
   fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
   ax.plot(t, gammas, label="gamma(t)")
   ax.set_xlabel("t")
@@ -23,7 +33,7 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
   ax.set_title(f"noise schedule, step {step}: gamma_0={gammas[0]:.2f}, gamma_1={gammas[-1]:.2f}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -31,10 +41,10 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
 def read_validation_curve(workdir: str) -> list[dict]:
   """The run's validation rows from <workdir>/train/metrics.jsonl, in order."""
   import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "train", "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "train", "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
+  with paths.open_file(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return [r for r in rows if "val/nats_per_token" in r]
 
@@ -45,7 +55,7 @@ def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  paths.makedirs(os.path.dirname(path) or ".")
   fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
   for name, rows in runs.items():
     if not rows:
@@ -69,6 +79,6 @@ def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path)
+  _save(fig, path)
   plt.close(fig)
   return path

@@ -3,6 +3,12 @@
 `TrainState` holds arrays only. `train_step` is a pure function of the state and
 a global batch; every random number comes from fold_in(base_key, step), so a
 resumed run repeats an uninterrupted one exactly.
+
+A step whose loss, gradient norm or update norm is not finite is not applied:
+the parameters, EMA, optimizer state and loss statistics stay as they were (only
+the step counter advances, past the offending batch), and the metrics carry
+`nonfinite` = 1. A non-finite train state therefore never exists; the loop reads
+the flag with the metrics it fetches anyway and decides whether to stop.
 """
 
 from typing import Any
@@ -110,14 +116,17 @@ def train_step(
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   else:
     ema = params
+  grad_norm = optax.tree_utils.tree_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree_utils.tree_norm(updates))
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
       step=state.step + 1,
-      params=params,
-      ema_params=ema,
-      opt_state=opt_state,
-      loss_stats=objective.update_stats(state.loss_stats, terms),
+      params=keep_old(params, state.params),
+      ema_params=keep_old(ema, state.ema_params),
+      opt_state=keep_old(opt_state, state.opt_state),
+      loss_stats=keep_old(objective.update_stats(state.loss_stats, terms), state.loss_stats),
   )
-  metrics = {"loss": loss, **objective.metrics(terms, setup, params),
-             "grad_norm": optax.tree_utils.tree_norm(grads),
+  metrics = {"loss": loss, **objective.metrics(terms, setup, params), "grad_norm": grad_norm,
+             "nonfinite": (~finite).astype(jnp.int32),
              **{f"grad_norm_{k}": optax.tree_utils.tree_norm(v) for k, v in grads.items()}}
   return new_state, metrics

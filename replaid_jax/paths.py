@@ -1,0 +1,60 @@
+"""Workdir paths: a local directory or a bucket URI (gs://bucket/run), through etils.epath.
+
+Orbax writes checkpoints to either; metrics, TensorBoard events, JSON results,
+plots, checksum manifests, the workdir lock and text/.npy data files go through
+these helpers, so that
+a URI is never mistaken for a local relative path (os.path.abspath("gs://b/r")
+would be ./gs:/b/r).
+"""
+
+import os
+
+from etils import epath
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def absolute(path: str | os.PathLike) -> str:
+  """A URI as given (without a trailing slash); a local path made absolute."""
+  path = os.fspath(path)
+  return path.rstrip("/") if is_uri(path) else os.path.abspath(path)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+  return os.fspath(epath.Path(os.fspath(base)).joinpath(*parts)) if is_uri(base) else os.path.join(base, *parts)
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+  return epath.Path(os.fspath(p))
+
+
+def exists(p: str | os.PathLike) -> bool:
+  return path(p).exists()
+
+
+def isdir(p: str | os.PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def makedirs(p: str | os.PathLike) -> None:
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def write_text_atomic(p: str | os.PathLike, text: str) -> None:
+  """Writes a text file; locally through a temporary file and a rename, on a bucket in one upload (atomic there)."""
+  p = os.fspath(p)
+  if is_uri(p):
+    path(p).write_text(text)
+    return
+  with open(p + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(p + ".tmp", p)
+
+
+def open_file(p: str | os.PathLike, mode: str = "r"):
+  """A file object for a local path or a URI."""
+  if is_uri(p):
+    return path(p).open(mode)
+  return open(os.fspath(p), mode, **({} if "b" in mode else {"encoding": "utf-8"}))
