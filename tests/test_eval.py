@@ -1,6 +1,7 @@
 """The eval binary: the bound against brute force, its validity on a known source, its error bars, loading errors,
 datasets, curves, geometry, and a whole run through launch/eval.py."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -271,6 +272,39 @@ def test_every_zero_shot_set_reads_its_local_release_layout(tmp_path):
   assert datasets.detok_lambada("\u201cHi,\u201d she said ") == '"Hi," she said'
   assert datasets.read_ag_news_csv(str(root / files["ag_news"][0]))[0] == "Title one Body #39;s text \\ more"
   assert datasets.read_papers(str(root / files["pubmed"][0]))[0] == "a b . c d ."
+
+
+def test_a_zero_shot_set_reads_a_prepared_tfds_builder_without_tensorflow(tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  rows = [{"title": f"Title {i}", "description": f"the {i}th body of news text."} for i in range(60)]
+
+  class ReplaidTinyNews(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Two text features, like ag_news_subset, in ArrayRecord files."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"title": tfds.features.Text(), "description": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield from enumerate(rows)
+
+  root = tmp_path / "tfds"
+  ReplaidTinyNews(data_dir=str(root), file_format="array_record").download_and_prepare()
+  spec = dataclasses.replace(datasets.ZERO_SHOT["ag_news"], tfds=("replaid_tiny_news", ("title", "description")))
+  monkeypatch.setitem(datasets.ZERO_SHOT, "ag_news", spec)
+  tok = _train_tokenizer(tmp_path, 384)
+  data_cfg = config_lib.from_config_dict(tiny.get_config()).data
+  es = datasets.load("ag_news", split="test", data_cfg=data_cfg, vocab_size=tok.vocab_size, tok=tok,
+                     workdir=str(tmp_path), data_dir=str(root))  # no local files there: the builder is read
+  assert es.protocol["num_documents"] == 60 and "replaid_tiny_news" in es.protocol["source"]
+  docs, _ = datasets._tfds_docs(spec, "test", str(root))  # pylint: disable=protected-access
+  assert sorted(docs) == sorted(f"{r['title']} {r['description']}" for r in rows)
+  assert "tensorflow" not in sys.modules
 
 
 # ---- a real training run: loading errors, zero-shot sets, watch, the binary.
