@@ -62,7 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   da.tokenizer_type = "unigram"  # SentencePiece model type when training: "unigram" or "bpe"
   da.tokenizer_vocab_size = 4096  # pieces when training a tokenizer
   da.npy_vocab_size = config_dict.placeholder(int)  # vocabulary size of pre-tokenised .npy data
-  da.cache_dir = ""  # where trained tokenizers are cached; empty: <workdir>/tokenizer
+  da.cache_dir = ""  # trained-tokenizer cache; empty: $REPLAID_JAX_TOKENIZER_CACHE or ~/.cache/replaid_jax/tokenizers
   da.seq_len = 128  # L: tokens per training sequence
   da.num_workers = 0  # grain worker processes
 

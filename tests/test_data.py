@@ -199,6 +199,36 @@ def test_tokenizer_cache_key_and_atomic_write(tmp_path):
   assert len(identity["sha256"]) == 64
 
 
+def test_a_new_run_on_the_same_corpus_takes_the_tokenizer_from_the_user_cache(tmp_path, monkeypatch):
+  (tmp_path / "train.txt").write_text(sources.shakespeare_plays()["macbeth"][:60_000])
+  (tmp_path / "val.txt").write_text(sources.shakespeare_plays()["hamlet"][:5_000])
+  cfg = _cfg(source="text", train_files=str(tmp_path / "train.txt"), val_files=str(tmp_path / "val.txt"),
+             val_plays="", tokenizer_vocab_size=384, seq_len=32)
+  cache = tmp_path / "user_cache"
+  monkeypatch.setenv(tokenizer_lib.CACHE_ENV, str(cache))
+  assert tokenizer_lib.default_cache_dir() == str(cache)
+  trained = []
+  real_train = spm.SentencePieceTrainer.train
+  monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+  first = pipeline.load_corpus(cfg, workdir=str(tmp_path / "run1"))
+  second = pipeline.load_corpus(cfg, workdir=str(tmp_path / "run2"))
+  assert len(trained) == 1  # the second run found the model in the cache
+  name = os.path.basename(first.tokenizer.path)
+  assert os.listdir(cache) == [name]  # written atomically: no temporary file left
+  # Each run records its own copy, which resumption and evaluation read.
+  assert first.tokenizer.path == str(tmp_path / "run1" / "tokenizer" / name)
+  assert second.tokenizer.path == str(tmp_path / "run2" / "tokenizer" / name)
+  assert first.tokenizer.identity()["sha256"] == second.tokenizer.identity()["sha256"]
+  np.testing.assert_array_equal(first.val, second.val)
+  # Other settings train again; data.cache_dir overrides the user cache.
+  pipeline.load_corpus(dataclasses.replace(cfg, tokenizer_vocab_size=400, cache_dir=str(tmp_path / "mine")),
+                       workdir=str(tmp_path / "run3"))
+  assert len(trained) == 2 and len(os.listdir(tmp_path / "mine")) == 1 and len(os.listdir(cache)) == 1
+  monkeypatch.delenv(tokenizer_lib.CACHE_ENV)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert tokenizer_lib.default_cache_dir() == str(tmp_path / "xdg" / "replaid_jax" / "tokenizers")
+
+
 def test_load_tokenizer_errors(tmp_path):
   with pytest.raises(DataError, match="data.tokenizer_path.*missing.model"):
     tokenizer_lib.load_tokenizer(str(tmp_path / "missing.model"))

@@ -10,7 +10,7 @@ import numpy as np
 from replaid_jax.data import arrayrecord
 from replaid_jax.data import batching
 from replaid_jax.data import sources
-from replaid_jax.data.tokenizer import Tokenizer, load_tokenizer, train_or_load_tokenizer
+from replaid_jax.data.tokenizer import Tokenizer, default_cache_dir, load_tokenizer, train_or_load_tokenizer
 from replaid_jax.errors import ConfigError, DataError
 
 SOURCES = ("shakespeare", "text", "npy", "arrayrecord")
@@ -83,10 +83,11 @@ def _split_names(spec: str) -> list[str]:
 def _text_tokenizer(cfg: DataConfig, train_docs: list[str], workdir: str) -> Tokenizer:
   if cfg.tokenizer_path:
     return load_tokenizer(cfg.tokenizer_path)
-  cache_dir = cfg.cache_dir or os.path.join(workdir, "tokenizer")
+  # Trained once per corpus and settings in the user's cache; each run keeps its own copy in its workdir.
   return train_or_load_tokenizer(
       train_docs, vocab_size=cfg.tokenizer_vocab_size,
-      model_type=cfg.tokenizer_type, cache_dir=cache_dir)
+      model_type=cfg.tokenizer_type, cache_dir=cfg.cache_dir or default_cache_dir(),
+      copy_to=os.path.join(workdir, "tokenizer") if workdir else None)
 
 
 def _require_files(cfg: DataConfig) -> None:
