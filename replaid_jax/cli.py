@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 
 from replaid_jax import errors
+from replaid_jax import logs
 
 
 def _explain(exc: BaseException, argv: list[str]) -> str:
@@ -65,11 +66,11 @@ def run(main: Callable[[list[str]], None]) -> None:
   def wrapped(argv):
     for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
       handler.addFilter(_QuietLibraries())
+    logs.quiet_orbax_notices()
     try:
       main(argv)
     except errors.ReplaidError as e:
-      logging.error("%s: %s", type(e).__name__, e)
-      print(f"error: {e}", file=sys.stderr)
+      print(f"error: {e}", file=sys.stderr)  # once: not also logged
       sys.exit(2)
 
   app.run(wrapped, flags_parser=flags_parser)

@@ -420,6 +420,11 @@ def _zero_shot(name: str, split: str, data_dir: str, tok, seq_len: int) -> EvalS
   return _finish(name, split, rows, dropped, seq_len, protocol)
 
 
+def display_name(name: str, split: str) -> str:
+  """How a set is named to a person: "validation" for the run's own split, "wikitext2/test" for others."""
+  return name if name == split else f"{name}/{split}"
+
+
 def set_name(dataset: str, split: str) -> tuple[str, str]:
   """(name, split) of the results file <name>_<split>_step<N>.json, known before anything is loaded."""
   if dataset in ("validation", "train"):

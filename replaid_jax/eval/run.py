@@ -276,7 +276,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
     ckpt.close()
   out_dir = output_dir_for(workdir, output_dir)
   evalset = session.dataset(dataset, c, tok, workdir)
-  label = f"{evalset.name}/{evalset.split} step {step}"
+  label = f"{datasets.display_name(evalset.name, evalset.split)} step {step}"
   key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
   put = functools.partial(jax.device_put, device=model.batch_sharding)
   if c.objective != "replaid" and set(analyses) - {"bound"}:
@@ -311,10 +311,12 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
       writer.write(step, {"ce_linear_r2": result["curves"]["summary"]["ce_linear_fit"]["r2"],
                           "diffusion_cv": result["curves"]["summary"]["diffusion_cv"]},
                    prefix=prefix + "curves/", console=False)
+      writer.write_image(prefix + "curves", result["curves"].get("png", ""), step)
     if "geometry" in analyses:
       result["geometry"] = _geometry(c, params, evalset, tok, out_dir, step)
       writer.write(step, {"pcs_for_90pct": result["geometry"]["all_rows"]["components_for_90pct"]},
                    prefix="geometry/", console=False)
+      writer.write_image("geometry/pca_scree", result["geometry"].get("png", ""), step)
     result["seconds_total"] = time.time() - t_start
     path = result_path(workdir, step, dataset, c.eval.split, output_dir, c.eval.max_batches)
     per_sequence = result.pop("per_sequence", None)
@@ -416,7 +418,8 @@ def _curves(session: Session, c, model: Model, params, evalset, key, put, label:
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     out["png"] = curves_lib.save_plot(curves, summary, os.path.join(out_dir, stem + ".png"),
-                                      f"information loss, {evalset.name}/{evalset.split}, step {step}")
+                                      f"information loss, {datasets.display_name(evalset.name, evalset.split)}, "
+                                      f"step {step}")
     with open(out["json"], "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2)
   logging.info("curves %s: CE(t) linear R^2 = %.4f, CV of l(t) = %.3f, integral of l(t) = %.4f", label,
@@ -445,7 +448,7 @@ def _geometry(c, params, evalset, tok, out_dir: str, step: int) -> dict:
 
 def summary_line(r: dict) -> str:
   """One human line: the bound with its error bar, the protocol in brief, throughput."""
-  head = f"step {r['step']} | {r['dataset']}/{r['split']}"
+  head = f"step {r['step']} | {datasets.display_name(r['dataset'], r['split'])}"
   if "nats_per_token" not in r:
     return head + " | " + ", ".join(k for k in ("curves", "geometry") if k in r) + f" -> {r.get('path')}"
   p, thr = r["protocol"], r.get("throughput", {})
