@@ -166,6 +166,16 @@ def test_tokenizer_round_trip(corpus):
   assert tok.decode(tok.encode(hamlet)) == hamlet
 
 
+def test_display_escapes_control_characters_and_stray_bytes_and_decode_stays_exact(corpus):
+  tok = corpus.tokenizer
+  byte_id = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}["<0xE2>"]  # a UTF-8 lead byte, alone
+  ids = tok.encode("King\x16 é") + [byte_id] + tok.encode("\x0e end\n\tnext")
+  assert tok.decode(ids) == "King\x16 é\ufffd\x0e end\n\tnext"  # exact (the stray byte as SentencePiece decodes it)
+  shown = tok.display(ids)
+  assert shown == "King\\x16 é\\xe2\\x0e end\n\tnext"
+  assert tokenizer_lib.printable("a\x7f\ufffd\tb") == "a\\x7f\\uFFFD\tb"
+
+
 def test_tokenizer_cache_reuse(corpus, monkeypatch):
   tok = corpus.tokenizer
   mtime = os.stat(tok.path).st_mtime_ns

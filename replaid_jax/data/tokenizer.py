@@ -14,8 +14,10 @@ A run keeps its own copy in <workdir>/tokenizer/, which its checkpoints record.
 from collections.abc import Sequence
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
 import tempfile
 
 from absl import logging
@@ -93,6 +95,20 @@ class Tokenizer:
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._sp.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
 
+  def display(self, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of `ids` for a terminal: bytes that form no UTF-8 character shown as \\xNN, control characters
+    escaped (`printable`). `decode` stays the faithful text."""
+    out = []
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+    for is_byte, group in itertools.groupby(ids, key=self._sp.is_byte):
+      group = list(group)
+      if is_byte:  # byte-fallback pieces are named "<0xAB>"
+        data = bytes(int(self._sp.id_to_piece(i)[1:-1], 16) for i in group)
+        out.append(data.decode("utf-8", errors="backslashreplace"))
+      else:
+        out.append(self._sp.decode(group))
+    return printable("".join(out))
+
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
 
@@ -107,6 +123,19 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
+
+
+def printable(text: str) -> str:
+  """`text` safe to print: control characters other than newline and tab, and U+FFFD, escaped as \\xNN / \\uFFFD."""
+  return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04X}", text)
+
+
+def display_text(tok, ids: Sequence[int] | np.ndarray) -> str:
+  """`Tokenizer.display`, or the printable decoded text for tokenizers without it."""
+  return tok.display(ids) if hasattr(tok, "display") else printable(tok.decode(ids))
 
 
 def load_tokenizer(path: str, *, what: str = "data.tokenizer_path") -> Tokenizer:

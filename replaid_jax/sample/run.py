@@ -31,6 +31,7 @@ from configs import base as base_config
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import sharding as sharding_lib
+from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
@@ -269,20 +270,25 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
     summary["samples_file"] = path
     with open(os.path.join(folder, f"step{step}.summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2, ensure_ascii=False)
-    _print(rows, summary, s.print_samples)
+    shown = [tokenizer_lib.display_text(tok, row) if tok is not None else " ".join(map(str, row.tolist()))
+             for row in tokens]
+    _print(rows, shown, summary, s.print_samples)
   return summary
 
 
-def _print(rows: list[dict], summary: dict, limit: int) -> None:
+def _print(rows: list[dict], shown_text: list[str], summary: dict, limit: int) -> None:
+  """Prints the samples (as `Tokenizer.display` shows them: control characters and stray bytes escaped; the JSONL
+  keeps the exact text) and a summary."""
   shown = rows if limit < 0 else rows[:limit]
   for rec in shown:
-    head = f"sample {rec['index']} (seed {rec['seed']}, unigram entropy {rec['unigram_entropy']:.2f} nats)"
+    head = (f"sample {rec['index'] + 1} of {len(rows)} (noise stream {rec['index']}, unigram entropy "
+            f"{rec['unigram_entropy']:.2f} nats)")
     print(f"{'=' * 8} {head} {'=' * 8}")
-    print(rec["text"] if rec["text"] is not None else " ".join(map(str, rec["tokens"])))
+    print(shown_text[rec["index"]])
   st = summary["sampler"]
-  lines = [f"{summary['num_samples']} samples from step {summary['checkpoint_step']}: {st['sampler']}, {st['steps']} "
-           f"steps ({st['time_grid']} grid), score_temp {st['score_temp']}, seq_len {st['seq_len']}, "
-           f"{summary['timing']['seconds']:.1f}s",
+  lines = [f"{summary['num_samples']} samples (seed {summary['seed']}) from step {summary['checkpoint_step']}: "
+           f"{st['sampler']}, {st['steps']} steps ({st['time_grid']} grid), score_temp {st['score_temp']}, "
+           f"seq_len {st['seq_len']}, {summary['timing']['seconds']:.1f}s",
            f"mean unigram entropy {summary['unigram_entropy_mean']:.3f} nats"]
   if "target_logp_mean" in summary:
     how = st["condition"] + (f", w={st['guidance_weight']}" if st["condition"] != "clamp" else "")
