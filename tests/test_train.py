@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -129,9 +131,36 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   assert len(train_rows) == 4 and all(r["train/flops_per_s"] > 0 for r in train_rows)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "train"))
   assert (workdir / "plots" / "gamma_step4.png").stat().st_size > 1000
-  samples = [json.loads(line) for line in (workdir / "eval" / "samples_step4.jsonl").read_text().splitlines()]
-  assert len(samples) == 1 and len(samples[0]["tokens"]) == 32
+  assert (workdir / "plots" / "loss.png").stat().st_size > 1000
+  samples = [json.loads(line) for line in (workdir / "samples" / "samples_step4.jsonl").read_text().splitlines()]
+  assert len(samples) == 1 and len(samples[0]["tokens"]) == 32 and samples[0]["index"] == 0
   assert "validation bound at step 4" in proc.stderr
+  assert f"results: {workdir / 'eval' / 'final.json'}; plots: {workdir / 'plots'}" in proc.stderr
+  assert re.search(r"Total: [\d,]+ parameters, [\d,]+ bytes\n", proc.stderr)
+  assert not (workdir / "eval" / "metrics.jsonl").exists()  # nothing was written there
+  # TensorBoard: the config as hparams, the plots as images, the samples as text, next to the scalars.
+  events = [e for name in os.listdir(workdir / "train") if name.startswith("events.out.tfevents")
+            for e in _read_events(workdir / "train" / name)]
+  values = [v for e in events for v in e.summary.value]
+  plugins = {v.metadata.plugin_data.plugin_name for v in values}
+  assert {"hparams", "text"} <= plugins
+  hparams = next(v for v in values if v.tag == "_hparams_/session_start_info").metadata.plugin_data.content
+  assert b"train.num_steps" in hparams and b"model.width" in hparams
+  images = {v.tag for v in values if v.HasField("image")}
+  assert {"plots/gamma", "plots/bound_vs_minutes", "plots/loss"} <= images
+  assert any(v.tag.startswith("samples/") for v in values if v.metadata.plugin_data.plugin_name == "text")
+  assert any(v.tag == "train/loss" for v in values)
+
+
+def _read_events(path):
+  """The Event records of a TensorBoard event file (TFRecord framing: length, its CRC, payload, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  data, events, pos = path.read_bytes(), [], 0
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return events
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -143,7 +172,7 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
 def test_bad_input_ends_with_one_clear_message_and_no_traceback(tmp_path, args, expected):
   proc = _train_cli(tmp_path / "run", *args)
   assert proc.returncode == 2
-  assert expected in proc.stderr
+  assert proc.stderr.count(expected) == 1  # printed once, not also logged
   assert "Traceback" not in proc.stderr
 
 

@@ -11,7 +11,7 @@
      notice (SIGTERM, see replaid_jax/distributed.py) ends it at the next step
      with a checkpoint and no final evaluation;
   5. saves, then evaluates the EMA parameters on the whole validation split and
-     writes <workdir>/eval/final.json (and a few samples).
+     writes <workdir>/eval/final.json (and a few samples, to <workdir>/samples/).
 """
 
 import dataclasses
@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import parameter_overview
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,6 +36,7 @@ from replaid_jax import flops as flops_lib
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import arrayrecord
+from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.data import pipeline
 from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   run = build(c, corpus)
   logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{params_lib.count(run.state.params):,}",
                f"{params_lib.count(run.state.params['denoiser']):,}",
-               parameter_overview.get_parameter_overview(run.state.params, include_stats=False))
+               metrics_lib.parameter_table(run.state.params))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   # Each process reads its own rows of every global batch (see pipeline.train_iterator).
@@ -262,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
     writer.write_json("config.json", meta)
+  writer.write_hparams(config.to_dict(), ("val/nats_per_token", "val/ratio_to_unigram", "train/loss"))
 
   step_fn = compile_step(run)
   base_key = jax.random.key(c.seed)
@@ -328,11 +329,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     writer.write(step_done, {k2: v for k2, v in res.items() if isinstance(v, (int, float)) and v is not None},
                  prefix="val/")
     if jax.process_index() == 0:
+      pngs = {}
       if c.objective == "replaid":
-        plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
-                                 os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
-      plots.save_bound_curve({"run": plots.read_validation_curve(workdir)},
-                             os.path.join(workdir, "plots", "bound_vs_minutes.png"))
+        pngs["plots/gamma"] = plots.save_schedule_plot(
+            jax.device_get(state.ema_params), c.diffusion.schedule,
+            os.path.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+      rows = plots.read_metrics(workdir)
+      pngs["plots/bound_vs_minutes"] = plots.save_bound_curve({"run": [r for r in rows if "val/nats_per_token" in r]},
+                                                              os.path.join(workdir, "plots", "bound_vs_minutes.png"))
+      pngs["plots/loss"] = plots.save_loss_curve(rows, os.path.join(workdir, "plots", "loss.png"))
+      for tag, png in pngs.items():
+        writer.write_image(tag, png, step_done)
     last_eval_time = time.time()
     return res
 
@@ -393,15 +400,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   logging.info("validation bound at step %d: %.4f ± %.4f nats/token (perplexity ≤ %.2f) over %d sequences, K=%d; "
                "unigram %.4f; ratio %.3f", step, final["nats_per_token"], final["stderr"], final["perplexity_bound"],
                final["num_sequences"], final["num_times"], final["unigram_nats_per_token"], final["ratio_to_unigram"])
+  samples_file = None
   if c.eval.num_samples and corpus.tokenizer is not None and jax.process_index() == 0:
     toks = run.objective.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
                                 num_samples=c.eval.num_samples, seq_len=c.data.seq_len, num_steps=c.eval.sample_steps)
     texts = [corpus.tokenizer.decode([int(t) for t in row]) for row in np.asarray(toks)]
-    with open(os.path.join(workdir, "eval", f"samples_step{step}.jsonl"), "w", encoding="utf-8") as f:
-      for text, row in zip(texts, np.asarray(toks)):
-        f.write(json.dumps({"step": step, "steps": c.eval.sample_steps, "text": text, "tokens": row.tolist()}) + "\n")
-    for i, text in enumerate(texts):
-      logging.info("sample %d:\n%s", i, text)
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    samples_file = os.path.join(workdir, "samples", f"samples_step{step}.jsonl")
+    with open(samples_file, "w", encoding="utf-8") as f:
+      for i, (text, row) in enumerate(zip(texts, np.asarray(toks))):
+        f.write(json.dumps({"index": i, "step": step, "steps": c.eval.sample_steps, "text": text,
+                            "tokens": row.tolist()}) + "\n")
+    for i, row in enumerate(np.asarray(toks)):
+      shown = tokenizer_lib.display_text(corpus.tokenizer, row)  # control characters and stray bytes escaped
+      logging.info("sample %d of %d:\n%s", i + 1, len(texts), shown)
+      writer.write_text(f"samples/{i}", shown, step)
+  logging.info("results: %s; plots: %s; %sTensorBoard: tensorboard --logdir %s",
+               os.path.join(workdir, "eval", "final.json"), os.path.join(workdir, "plots"),
+               f"samples: {samples_file}; " if samples_file else "", os.path.join(workdir, "train"))
   ckpt.close()
   writer.close()
   return final
