@@ -26,6 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "End this invocation after this many steps with a checkpoint "
                                    "and no final evaluation (as a preempted job would); rerunning resumes.")
 distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags too
 flags.mark_flags_as_required(["config", "workdir"])
 
 

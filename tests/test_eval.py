@@ -430,6 +430,14 @@ def _eval_cli(*args):
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+def test_help_is_short_and_lists_only_the_eval_keys():
+  proc = _eval_cli("--help")
+  lines = proc.stdout.splitlines()
+  assert len(lines) < 60, len(lines)
+  assert "  --config: Evaluation settings" in proc.stdout and "final_num_times=8" in proc.stdout
+  assert "model:" not in proc.stdout and "!!python" not in proc.stdout
+
+
 def test_end_to_end_through_the_eval_binary(run_copy):
   proc = _eval_cli(f"--workdir={run_copy}", "--curves", "--geometry", "--config.eval.curve_points=5",
                    "--config.eval.curve_max_sequences=16")
@@ -468,6 +476,7 @@ def test_end_to_end_through_the_eval_binary(run_copy):
 @pytest.mark.parametrize("args, expected", [
     (["--workdir=/nonexistent/run"], "no checkpoints at"),
     (["--config.model.width=8"], "only eval.* keys can"),
+    (["--config.eval.max_batchs=1"], "error: unknown config key eval.max_batchs; did you mean eval.max_batches?"),
 ])
 def test_bad_input_ends_with_one_clear_message_and_no_traceback(trained_run, args, expected):
   if not any(a.startswith("--workdir") for a in args):

@@ -164,7 +164,9 @@ def _read_events(path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--config.train.bogus=3"], "unknown config key 'train.bogus'"),
+    (["--config.train.bogus=3"], "unknown config key train.bogus "),
+    (["--config.train.nmu_steps=3"], "error: unknown config key train.nmu_steps; did you mean train.num_steps?"),
+    (["--config.trian.num_steps=3"], "error: unknown config key trian.num_steps; did you mean train.num_steps?"),
     (["--config.data.seq_len=128"], "data.seq_len=128 exceeds model.max_seq_len=64"),
     (["--config.data.source=text", "--config.data.train_files=/nonexistent/*.txt",
       "--config.data.val_files=/nonexistent/v.txt", "--config.data.val_plays="], "data.train_files"),
@@ -174,6 +176,14 @@ def test_bad_input_ends_with_one_clear_message_and_no_traceback(tmp_path, args, 
   assert proc.returncode == 2
   assert proc.stderr.count(expected) == 1  # printed once, not also logged
   assert "Traceback" not in proc.stderr
+  assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1 and "\\n" not in proc.stderr
+
+
+def test_help_shows_the_multi_process_flags():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), "--help"], capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+  for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
+    assert f"  {flag}:" in proc.stdout, flag
 
 
 def test_bad_text_files_are_named_in_the_error(tmp_path):
