@@ -16,7 +16,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from configs import base
+from replaid_jax import base_config as base
 from replaid_jax import cli
 from replaid_jax import errors
 from replaid_jax.eval import run

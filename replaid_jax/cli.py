@@ -49,7 +49,7 @@ def _explain(exc: BaseException, argv: list[str], only_section: str | None = Non
   if isinstance(exc, (AttributeError, KeyError)):
     unknown = _unknown_key(exc, argv)
     if unknown:
-      return f"{unknown} (every valid key is defined, with its meaning, in configs/base.py)."
+      return f"{unknown} (every valid key is defined, with its meaning, in replaid_jax/base_config.py)."
   return f"{type(exc).__name__}: {exc}"
 
 
@@ -57,8 +57,29 @@ def _explain(exc: BaseException, argv: list[str], only_section: str | None = Non
 _ONLY_SECTION: tuple[str | None, str] = (None, "")
 
 
+def _experiment_configs_importable(argv: list[str]) -> None:
+  """Puts the folder that holds `configs/` first on sys.path, so that a --config file can `from configs import base`.
+
+  `configs` is a folder of the repository, not an installed package (that name would clash with others): the
+  folder is the parent of a --config file's `configs/` folder, or else the working directory when it holds one.
+  """
+  roots = []
+  for i, arg in enumerate(argv):
+    path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+        argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    folder = os.path.dirname(os.path.abspath(path.split(":", 1)[0])) if path else ""
+    if os.path.basename(folder) == "configs":
+      roots.append(os.path.dirname(folder))
+  if os.path.isfile(os.path.join(os.getcwd(), "configs", "__init__.py")):
+    roots.append(os.getcwd())
+  for root in reversed(roots):
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
 def flags_parser(argv: list[str]) -> list[str]:
   """absl's parser, with config-override mistakes reported in one line instead of a traceback."""
+  _experiment_configs_importable(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -83,7 +104,7 @@ def define_section_config(section: str, values: "ml_collections.ConfigDict", wha
     holder = config_flags.DEFINE_config_dict(
         "config", ml_collections.ConfigDict({section: values}),
         f"{what}: only --config.{section}.KEY=VALUE overrides are read ({why}). Keys and defaults: {keys}; "
-        "each is described in configs/base.py.", lock_config=True)
+        "each is described in replaid_jax/base_config.py.", lock_config=True)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"error: {_explain(e, sys.argv, section, why)}", file=sys.stderr)
     sys.exit(2)

@@ -18,7 +18,7 @@ SOURCES = ("shakespeare", "text", "npy", "arrayrecord")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The `data` section of the config (see configs/base.py for each field)."""
+  """The `data` section of the config (see replaid_jax/base_config.py for each field)."""
   source: str
   train_files: str
   val_files: str

@@ -5,7 +5,7 @@
   2. rebuilds the config saved in the checkpoint metadata. The model, diffusion,
      data and mesh sections come from the checkpoint; only `eval.*` may be set
      (`overrides`, e.g. {"eval.final_num_times": 16}). The eval section starts
-     from the defaults of configs/base.py, not from the run's in-training
+     from the defaults of replaid_jax/base_config.py, not from the run's in-training
      quick-look settings, so every checkpoint is evaluated under one pinned
      protocol: K = eval.final_num_times (8) lattice times per sequence and the
      whole split (eval.max_batches = 0); only the run's eval.batch_size (known to
@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 import replaid_jax
-from configs import base as base_config
+from replaid_jax import base_config
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
@@ -61,7 +61,7 @@ _EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for
 
 
 def _merge_onto_base(saved: dict) -> tuple[dict, list[str]]:
-  """The saved config on top of configs/base.py; returns (merged dict, keys filled from the defaults)."""
+  """The saved config on top of replaid_jax/base_config.py; returns (merged dict, keys filled from the defaults)."""
   merged = base_config.get_base_config().to_dict()
   unknown, filled = [], []
   for section, values in saved.items():
@@ -99,7 +99,7 @@ def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
     name = key[len("eval."):]
     if name not in ev:
       raise errors.ConfigError(f"unknown config key '{key}'; the eval keys are {', '.join(sorted(ev.keys()))} "
-                               "(each explained in configs/base.py).")
+                               "(each explained in replaid_jax/base_config.py).")
     try:
       ev[name] = value
     except (TypeError, ValueError) as e:
@@ -114,7 +114,7 @@ def checkpoint_config(meta: dict, overrides: dict[str, Any] | None = None) -> co
     raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
   merged, filled = _merge_onto_base(saved)
   if filled:
-    logging.warning("the saved config lacks %s; using the defaults of configs/base.py", ", ".join(filled))
+    logging.warning("the saved config lacks %s; using the defaults of replaid_jax/base_config.py", ", ".join(filled))
   merged["eval"] = eval_section(saved.get("eval", {}), overrides or {})
   c = config_lib.from_config_dict(ml_collections.ConfigDict(merged))
   vocab = meta.get("vocab_size")

@@ -2,7 +2,7 @@
 
 `sample_checkpoint(workdir, step=None, overrides={...})`:
   1. restores the EMA parameters of the checkpoint and its saved config (keys the
-     code gained since are filled from configs/base.py; `overrides` replace keys of
+     code gained since are filled from replaid_jax/base_config.py; `overrides` replace keys of
      the `sample` section only);
   2. loads the checkpoint's tokenizer and checks it against the recorded sha256 and
      vocabulary, then tokenises the prompts and words (sample.prefix, ...);
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import base as base_config
+from replaid_jax import base_config
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import sharding as sharding_lib
@@ -43,7 +43,7 @@ from replaid_jax.sample import quality
 
 def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
                    vocab_size: int | None = None) -> tuple[config_lib.Config, list[str]]:
-  """The saved config with keys it lacks taken from configs/base.py, and `sample` overrides applied.
+  """The saved config with keys it lacks taken from replaid_jax/base_config.py, and `sample` overrides applied.
 
   Returns (config, the keys filled from the base config).
   """
@@ -60,7 +60,7 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
   for key, value in (overrides or {}).items():
     if key not in merged["sample"]:
       raise errors.ConfigError(f"unknown key sample.{key}; the keys of the sample section are described in "
-                               "configs/base.py.")
+                               "replaid_jax/base_config.py.")
     merged["sample"] = {**merged["sample"], key: value}
   if merged["model"].get("vocab_size") is None and vocab_size is not None:
     merged["model"] = {**merged["model"], "vocab_size": vocab_size}
@@ -150,7 +150,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   try:
     c, filled = resolve_config(meta.get("config") or {}, overrides, meta.get("vocab_size"))
     if filled:
-      logging.info("the saved config lacks %s; taken from configs/base.py", ", ".join(filled))
+      logging.info("the saved config lacks %s; taken from replaid_jax/base_config.py", ", ".join(filled))
     s = c.sample
     seq_len = s.seq_len or c.data.seq_len
     if seq_len > c.model.max_seq_len:
