@@ -101,6 +101,7 @@ def _bound(params, tokens, *, k, model_cfg, cfg, seed=7, batch_size=64):
   return run.bound_report(_bound_fn(k, model_cfg, cfg), params, tokens, jax.random.key(seed), batch_size=batch_size)
 
 
+@pytest.mark.slow
 def test_bound_is_valid_on_a_markov_source_and_its_gap_shrinks_with_training(markov_run):
   """Never below the exact entropy beyond 3 standard errors; the gap shrinks from step 0 to 250 to 600."""
   c, val, entropy = markov_run["config"], markov_run["val"], markov_run["entropy"]
@@ -137,6 +138,7 @@ def _brute_force_bound(params, tokens, *, model_cfg, cfg, num_t=96, recon_draws=
   return recon + diff + prior
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["perturbed_init", "trained"])
 def test_eval_bound_equals_a_brute_force_elbo_within_its_standard_error(markov_run, which):
   if which == "trained":
@@ -155,6 +157,7 @@ def test_eval_bound_equals_a_brute_force_elbo_within_its_standard_error(markov_r
   assert abs(diff) < 3 * paired_se
 
 
+@pytest.mark.slow
 def test_standard_error_falls_like_one_over_sqrt_sequences_times_k():
   """SE * sqrt(N K) stays within a factor 2 as N grows 4x and K grows 4x and 16x."""
   params = perturbed_params(jax.random.key(5))
@@ -438,6 +441,7 @@ def test_help_is_short_and_lists_only_the_eval_keys():
   assert "model:" not in proc.stdout and "!!python" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_end_to_end_through_the_eval_binary(run_copy):
   proc = _eval_cli(f"--workdir={run_copy}", "--curves", "--geometry", "--config.eval.curve_points=5",
                    "--config.eval.curve_max_sequences=16")

@@ -237,6 +237,7 @@ def tiny_params():
   return jax.device_get(jax.jit(perturbed_params)(jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_compiles_once_per_shape_and_sampler(tiny_params):
   ids = jnp.arange(8, dtype=jnp.int32)
   before = sampler.trace_counts()
@@ -324,6 +325,7 @@ def _sample_cli(workdir, *args):
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_prefix_and_suffix_clamped(trained):
   workdir, _, tok = trained
   prefix, suffix = "ROMEO:\n", "Exeunt."

@@ -85,6 +85,7 @@ def _restore_final(workdir, step):
   return out["state"]["params"], out["ema_params"], data_state
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
   straight = str(tmp_path / "straight")
   loop.train_and_evaluate(_npy_config(tmp_path), straight)
@@ -104,6 +105,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tm
   assert straight_loss == resumed_loss and sorted(straight_loss) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_tokenizer_vocabulary_is_refused(tmp_path):
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
@@ -119,6 +121,7 @@ def _train_cli(workdir, *args, env=None):
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   workdir = tmp_path / "run"
   proc = _train_cli(workdir)
