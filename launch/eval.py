@@ -16,7 +16,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from configs import base
+from replaid_jax import base_config as base
 from replaid_jax import cli
 from replaid_jax import errors
 from replaid_jax.eval import run
@@ -34,9 +34,10 @@ _BOUND = flags.DEFINE_bool("bound", True, "Compute the likelihood bound (--nobou
 _CURVES = flags.DEFINE_bool("curves", False, "Also compute information-loss curves l(t), CE(t), error(t).")
 _GEOMETRY = flags.DEFINE_bool("geometry", False, "Also analyse the embedding matrix (PCA scree, neighbours).")
 _TIMING = flags.DEFINE_bool("timing", True, "Also time one forward pass to report the bound's cost ratio.")
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config", base.get_base_config(),
-    "Only --config.eval.* may be set; everything else comes from the checkpoint.", lock_config=True)
+_CONFIG = cli.define_section_config(
+    "eval", base.get_base_config().eval, "Evaluation settings",
+    "the model, diffusion, data and mesh sections come from the checkpoint's saved config")
+flags.declare_key_flag("config")  # listed by --help with this binary's flags
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -9,8 +9,8 @@ Examples:
   --config.sample.judge=gpt2:/path/to/local/gpt2
 
 Writes <workdir>/samples/step<N>.jsonl (step<N>_2.jsonl, ... if it exists, or --output=FILE.jsonl) and
-the matching .summary.json; every sample key is
-described in configs/base.py. Only the sample section can be overridden.
+the matching .summary.json; every sample key is described in replaid_jax/base_config.py. Only the sample
+section can be overridden.
 """
 
 import sys
@@ -21,7 +21,7 @@ import jax
 from ml_collections import config_flags
 import ml_collections
 
-from configs import base
+from replaid_jax import base_config as base
 from replaid_jax import cli
 from replaid_jax.sample import run
 
@@ -44,7 +44,7 @@ def _define_config():
       problem = f"unknown sample key(s) {', '.join(n[len('config.'):] for n in unknown)}"
     else:
       problem = f"bad --config.sample override ({e})"
-    print(f"error: {problem}; the sample keys are described in configs/base.py.", file=sys.stderr)
+    print(f"error: {problem}; the sample keys are described in replaid_jax/base_config.py.", file=sys.stderr)
     sys.exit(2)
 
 

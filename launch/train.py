@@ -32,6 +32,7 @@ _RESUME_FROM = flags.DEFINE_integer(
     "resume_from_step", None, "Resume from this checkpoint step instead of the newest one (newer steps are moved to "
     "<workdir>/checkpoints_damaged/): the way back from a run that diverged after its newest checkpoint.")
 distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags too
 flags.mark_flags_as_required(["config", "workdir"])
 
 

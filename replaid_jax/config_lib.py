@@ -117,7 +117,8 @@ def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
     )
   if missing:
     raise errors.ConfigError(
-        f"config section '{name}' lacks {', '.join(missing)}; build configs on configs/base.py, which defines every key."
+        f"config section '{name}' lacks {', '.join(missing)}; build configs on replaid_jax/base_config.py, "
+        "which defines every key."
     )
   for f in dataclasses.fields(cls):
     if values[f.name] is None and "None" not in str(f.type):
@@ -155,7 +156,7 @@ MINIMUMS = {
 def _at_least(key: str, value: Any, minimum: float) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
     raise errors.ConfigError(f"{key}={value!r} is not allowed: it must be a number >= {minimum}; "
-                             f"pass --config.{key}=<a value >= {minimum}> (the meaning of each key is in configs/base.py).")
+                             f"pass --config.{key}=<a value >= {minimum}> (the meaning of each key is in replaid_jax/base_config.py).")
 
 
 def validate(c: Config) -> None:
@@ -217,7 +218,7 @@ def validate(c: Config) -> None:
 
 
 def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
-  """Converts and validates a ConfigDict built on configs/base.py."""
+  """Converts and validates a ConfigDict built on replaid_jax/base_config.py."""
   values = cd.to_dict()
   sections = {
       "model": model_lib.ModelConfig,
@@ -236,7 +237,7 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
     raise errors.ConfigError(f"unknown top-level config key(s) {unknown}; valid keys are {sorted(top)}.")
   missing = sorted(top - set(values))
   if missing:
-    raise errors.ConfigError(f"config lacks {missing}; build configs on configs/base.py.")
+    raise errors.ConfigError(f"config lacks {missing}; build configs on replaid_jax/base_config.py.")
   built = {k: (_section(sections[k], k, v) if k in sections else v) for k, v in values.items()}
   config = Config(**built)
   validate(config)

@@ -18,6 +18,7 @@ import numpy as np
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
+from replaid_jax import logs
 from replaid_jax import objectives
 from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
@@ -33,6 +34,7 @@ def _step_dir(ckpt: ckpt_lib.Checkpointer, step: int) -> str:
 
 def open_checkpoint(workdir: str, step: int | None) -> tuple[ckpt_lib.Checkpointer, int, dict]:
   """(read-only Checkpointer, step, metadata) for `step` (default: the latest); fails loudly on anything missing."""
+  logs.quiet_orbax_notices()
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   steps = ckpt.all_steps()
   if not steps:

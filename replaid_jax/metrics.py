@@ -31,8 +31,31 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"model": {"width": 32}} -> {"model.width": 32}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def parameter_table(params: Any) -> str:
+  """clu's table of parameter names, shapes, dtypes and sizes, ending in whole-number totals."""
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+  lines = parameter_overview.get_parameter_overview(params, include_stats=False).rstrip("\n").split("\n")
+  if lines[-1].startswith("Total:"):  # clu's totals read "Total: 67,746.0 -- 270,984.0 bytes"
+    lines.pop()
+  leaves = jax.tree.leaves(params)
+  count = sum(math.prod(x.shape) for x in leaves)
+  size = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+  return "\n".join(lines + [f"Total: {count:,} parameters, {size:,} bytes"])
+
+
 class MetricWriter:
-  """Fans scalars out to the console, <dir>/metrics.jsonl and TensorBoard."""
+  """Fans scalars out to the console, <dir>/metrics.jsonl (created on the first row) and TensorBoard."""
 
   def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool | None = None,
                resume_step: int | None = None):
@@ -54,10 +77,8 @@ class MetricWriter:
     path = paths.join(directory, "metrics.jsonl")
     if paths.is_uri(directory):
       self._remote_rows = _read_rows(path, resume_step) if paths.exists(path) else []
-    else:
-      if resume_step is not None and os.path.exists(path):
-        paths.write_text_atomic(path, "".join(_read_rows(path, resume_step)))
-      self._jsonl = open(path, "a", encoding="utf-8")
+    elif resume_step is not None and os.path.exists(path):
+      paths.write_text_atomic(path, "".join(_read_rows(path, resume_step)))
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       purge = {} if resume_step is None else {"purge_step": resume_step + 1}
@@ -73,6 +94,8 @@ class MetricWriter:
       if time.time() - self._last_flush >= REMOTE_FLUSH_SECONDS:
         self._flush_remote()
     else:
+      if self._jsonl is None:
+        self._jsonl = open(paths.join(self.directory, "metrics.jsonl"), "a", encoding="utf-8")
       self._jsonl.write(json.dumps(record) + "\n")
       self._jsonl.flush()
     if self._tb is not None:
@@ -85,6 +108,33 @@ class MetricWriter:
   def _flush_remote(self) -> None:
     paths.write_text_atomic(paths.join(self.directory, "metrics.jsonl"), "".join(self._remote_rows))
     self._last_flush = time.time()
+  def write_hparams(self, config: Mapping[str, Any], metrics: tuple[str, ...]) -> None:
+    """The config, flattened to section.key, as TensorBoard hparams, with `metrics` (scalar tags) as its metrics."""
+    if self._tb is None:
+      return
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+    values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(config).items()}
+    experiment, session_start, _ = hparams(values, {m: 0.0 for m in metrics})
+    self._tb._get_file_writer().add_summary(experiment)  # pylint: disable=protected-access
+    self._tb._get_file_writer().add_summary(session_start)  # pylint: disable=protected-access
+
+  def write_image(self, tag: str, png_path: str, step: int) -> None:
+    """A PNG file (a plot already saved) as a TensorBoard image."""
+    if self._tb is None or not paths.exists(png_path):
+      return
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with paths.open_file(png_path, "rb") as f, Image.open(f) as im:
+      pixels = np.asarray(im.convert("RGB"))
+    self._tb.add_image(tag, pixels, step, dataformats="HWC")
+
+  def write_text(self, tag: str, text: str, step: int) -> None:
+    """Text shown verbatim (as a code block) in TensorBoard's text tab."""
+    if self._tb is not None:
+      self._tb.add_text(tag, "```\n" + text.replace("```", "` ` `") + "\n```", step)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
 
   def write_json(self, name: str, payload: Mapping[str, Any]) -> str:
     """Writes payload to <dir>/<name> atomically; returns the path."""

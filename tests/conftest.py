@@ -10,6 +10,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     __import__("tempfile").gettempdir(), f"replaid-jax-tests-xla-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Trained tokenizers are cached per corpus and settings; tests share one cache of their own, not the user's.
+os.environ.setdefault("REPLAID_JAX_TOKENIZER_CACHE", os.path.join(
+    __import__("tempfile").gettempdir(), f"replaid-jax-tests-tokenizers-{os.getuid()}"))
 
 import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -67,11 +67,11 @@ def test_unknown_key_in_a_config_file_is_rejected():
 
 
 def test_every_base_key_has_a_comment():
-  fields = [line for line in (ROOT / "configs" / "base.py").read_text().splitlines()
+  fields = [line for line in (ROOT / "replaid_jax" / "base_config.py").read_text().splitlines()
             if re.match(r"^\s+\w+\.\w+ = ", line)]
   assert len(fields) > 60
   for line in fields:
-    assert "#" in line, f"configs/base.py defines a key without saying what it means: {line.strip()}"
+    assert "#" in line, f"replaid_jax/base_config.py defines a key without saying what it means: {line.strip()}"
 
 
 PURE = ("replaid_jax/models", "replaid_jax/diffusion")

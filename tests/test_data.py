@@ -166,6 +166,16 @@ def test_tokenizer_round_trip(corpus):
   assert tok.decode(tok.encode(hamlet)) == hamlet
 
 
+def test_display_escapes_control_characters_and_stray_bytes_and_decode_stays_exact(corpus):
+  tok = corpus.tokenizer
+  byte_id = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}["<0xE2>"]  # a UTF-8 lead byte, alone
+  ids = tok.encode("King\x16 é") + [byte_id] + tok.encode("\x0e end\n\tnext")
+  assert tok.decode(ids) == "King\x16 é\ufffd\x0e end\n\tnext"  # exact (the stray byte as SentencePiece decodes it)
+  shown = tok.display(ids)
+  assert shown == "King\\x16 é\\xe2\\x0e end\n\tnext"
+  assert tokenizer_lib.printable("a\x7f\ufffd\tb") == "a\\x7f\\uFFFD\tb"
+
+
 def test_tokenizer_cache_reuse(corpus, monkeypatch):
   tok = corpus.tokenizer
   mtime = os.stat(tok.path).st_mtime_ns
@@ -197,6 +207,36 @@ def test_tokenizer_cache_key_and_atomic_write(tmp_path):
   identity = a.identity()
   assert identity["kind"] == "sentencepiece" and identity["vocab_size"] == 400
   assert len(identity["sha256"]) == 64
+
+
+def test_a_new_run_on_the_same_corpus_takes_the_tokenizer_from_the_user_cache(tmp_path, monkeypatch):
+  (tmp_path / "train.txt").write_text(sources.shakespeare_plays()["macbeth"][:60_000])
+  (tmp_path / "val.txt").write_text(sources.shakespeare_plays()["hamlet"][:5_000])
+  cfg = _cfg(source="text", train_files=str(tmp_path / "train.txt"), val_files=str(tmp_path / "val.txt"),
+             val_plays="", tokenizer_vocab_size=384, seq_len=32)
+  cache = tmp_path / "user_cache"
+  monkeypatch.setenv(tokenizer_lib.CACHE_ENV, str(cache))
+  assert tokenizer_lib.default_cache_dir() == str(cache)
+  trained = []
+  real_train = spm.SentencePieceTrainer.train
+  monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+  first = pipeline.load_corpus(cfg, workdir=str(tmp_path / "run1"))
+  second = pipeline.load_corpus(cfg, workdir=str(tmp_path / "run2"))
+  assert len(trained) == 1  # the second run found the model in the cache
+  name = os.path.basename(first.tokenizer.path)
+  assert os.listdir(cache) == [name]  # written atomically: no temporary file left
+  # Each run records its own copy, which resumption and evaluation read.
+  assert first.tokenizer.path == str(tmp_path / "run1" / "tokenizer" / name)
+  assert second.tokenizer.path == str(tmp_path / "run2" / "tokenizer" / name)
+  assert first.tokenizer.identity()["sha256"] == second.tokenizer.identity()["sha256"]
+  np.testing.assert_array_equal(first.val, second.val)
+  # Other settings train again; data.cache_dir overrides the user cache.
+  pipeline.load_corpus(dataclasses.replace(cfg, tokenizer_vocab_size=400, cache_dir=str(tmp_path / "mine")),
+                       workdir=str(tmp_path / "run3"))
+  assert len(trained) == 2 and len(os.listdir(tmp_path / "mine")) == 1 and len(os.listdir(cache)) == 1
+  monkeypatch.delenv(tokenizer_lib.CACHE_ENV)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert tokenizer_lib.default_cache_dir() == str(tmp_path / "xdg" / "replaid_jax" / "tokenizers")
 
 
 def test_load_tokenizer_errors(tmp_path):

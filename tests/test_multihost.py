@@ -122,6 +122,7 @@ def runs(npy_args, tmp_path_factory):
   return {"two": str(root / "two"), "one": str(root / "one"), "two_logs": two_logs, "one_logs": one_logs}
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_two_processes_train_like_one_process_with_two_devices(runs):
   assert "process 0 of 2, 1 local / 2 global device(s)" in runs["two_logs"][0]
@@ -150,6 +151,7 @@ def test_two_processes_train_like_one_process_with_two_devices(runs):
   assert sorted(os.listdir(steps_dir)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_two_process_run_stopped_and_resumed_equals_the_uninterrupted_one(runs, npy_args, tmp_path):
   workdir = tmp_path / "resumed"
@@ -168,6 +170,7 @@ def test_two_process_run_stopped_and_resumed_equals_the_uninterrupted_one(runs, 
     assert (workdir / "checkpoints" / "5" / "data_iter" / name).read_text() == open(straight).read()
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_sigterm_to_one_process_stops_both_at_the_same_step(npy_args, tmp_path):
   workdir = tmp_path / "preempted"

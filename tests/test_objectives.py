@@ -353,6 +353,7 @@ def trained_runs(tmp_path_factory):
   return root, finals
 
 
+@pytest.mark.slow
 def test_every_objective_trains_through_one_loop_with_one_result_schema(trained_runs):
   root, finals = trained_runs
   keys = {name: set(json.loads((root / name / "eval" / "final.json").read_text())) for name in finals}
@@ -368,6 +369,7 @@ def test_every_objective_trains_through_one_loop_with_one_result_schema(trained_
   assert results["ar"]["protocol"]["objective"] == "ar"
 
 
+@pytest.mark.slow
 def test_an_ar_run_judges_text_with_its_exact_nll(trained_runs):
   root, _ = trained_runs
   judge = perplexity.load(f"ar:{root / 'ar'}", batch_size=2)
@@ -381,6 +383,7 @@ def test_an_ar_run_judges_text_with_its_exact_nll(trained_runs):
   np.testing.assert_allclose(res["gen_ppl"], np.exp(total / count), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_curves_are_refused_for_a_baseline_checkpoint(trained_runs):
   root, _ = trained_runs
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top

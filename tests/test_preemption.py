@@ -15,6 +15,8 @@ import pytest
 from conftest import npy_cli_args
 from replaid_jax import checkpoint as ckpt_lib
 
+pytestmark = pytest.mark.slow  # each test starts, signals and restarts training processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
 

@@ -9,6 +9,7 @@ sequences.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -236,6 +237,7 @@ def tiny_params():
   return jax.device_get(jax.jit(perturbed_params)(jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_compiles_once_per_shape_and_sampler(tiny_params):
   ids = jnp.arange(8, dtype=jnp.int32)
   before = sampler.trace_counts()
@@ -323,6 +325,7 @@ def _sample_cli(workdir, *args):
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_prefix_and_suffix_clamped(trained):
   workdir, _, tok = trained
   prefix, suffix = "ROMEO:\n", "Exeunt."
@@ -343,7 +346,9 @@ def test_cli_end_to_end_with_prefix_and_suffix_clamped(trained):
     assert r["unigram_entropy"] > 0 and "include 'love'" in r["spans"]
   summary = json.loads(open(os.path.join(workdir, "samples", "step1.summary.json"), encoding="utf-8").read())
   assert summary["target_match_rate"] == 1.0 and summary["timing"]["batch_size"] in (2, 8)  # 1 or 8 devices
-  assert "sample 0 (seed 0" in proc.stdout and "8/8 steps" in proc.stderr
+  assert "sample 1 of 3 (noise stream 0," in proc.stdout and "3 samples (seed 0)" in proc.stdout
+  assert "8/8 steps" in proc.stderr
+  assert not re.search("[\x00-\x08\x0b-\x1f\x7f\ufffd]", proc.stdout)  # printed text is escaped
   # The same command gives the same tokens.
   judge = {}
   if _has("torch", "transformers", "tokenizers"):  # and with a (random) GPT-2 judge

@@ -20,6 +20,7 @@ def single_device_run():
   return _run_steps((1, 1, 1), num_steps=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_runs_follow_the_single_device_loss_curve(single_device_run, mesh_shape):
   params_1, losses_1, _ = single_device_run
@@ -57,6 +58,7 @@ def test_activation_constraints_reach_the_compiled_step():
   assert any('[{"data", "fsdp"}, {}, {}]> : tensor<8x32x32' in line for line in constraints)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_rematerialisation_changes_memory_not_results(single_device_run, policy):
   params_1, losses_1, _ = single_device_run

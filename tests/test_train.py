@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -83,6 +85,7 @@ def _restore_final(workdir, step):
   return out["state"]["params"], out["ema_params"], data_state
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
   straight = str(tmp_path / "straight")
   loop.train_and_evaluate(_npy_config(tmp_path), straight)
@@ -102,6 +105,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tm
   assert straight_loss == resumed_loss and sorted(straight_loss) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_tokenizer_vocabulary_is_refused(tmp_path):
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
@@ -117,6 +121,7 @@ def _train_cli(workdir, *args, env=None):
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   workdir = tmp_path / "run"
   proc = _train_cli(workdir)
@@ -129,13 +134,42 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   assert len(train_rows) == 4 and all(r["train/flops_per_s"] > 0 for r in train_rows)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "train"))
   assert (workdir / "plots" / "gamma_step4.png").stat().st_size > 1000
-  samples = [json.loads(line) for line in (workdir / "eval" / "samples_step4.jsonl").read_text().splitlines()]
-  assert len(samples) == 1 and len(samples[0]["tokens"]) == 32
+  assert (workdir / "plots" / "loss.png").stat().st_size > 1000
+  samples = [json.loads(line) for line in (workdir / "samples" / "samples_step4.jsonl").read_text().splitlines()]
+  assert len(samples) == 1 and len(samples[0]["tokens"]) == 32 and samples[0]["index"] == 0
   assert "validation bound at step 4" in proc.stderr
+  assert f"results: {workdir / 'eval' / 'final.json'}; plots: {workdir / 'plots'}" in proc.stderr
+  assert re.search(r"Total: [\d,]+ parameters, [\d,]+ bytes\n", proc.stderr)
+  assert not (workdir / "eval" / "metrics.jsonl").exists()  # nothing was written there
+  # TensorBoard: the config as hparams, the plots as images, the samples as text, next to the scalars.
+  events = [e for name in os.listdir(workdir / "train") if name.startswith("events.out.tfevents")
+            for e in _read_events(workdir / "train" / name)]
+  values = [v for e in events for v in e.summary.value]
+  plugins = {v.metadata.plugin_data.plugin_name for v in values}
+  assert {"hparams", "text"} <= plugins
+  hparams = next(v for v in values if v.tag == "_hparams_/session_start_info").metadata.plugin_data.content
+  assert b"train.num_steps" in hparams and b"model.width" in hparams
+  images = {v.tag for v in values if v.HasField("image")}
+  assert {"plots/gamma", "plots/bound_vs_minutes", "plots/loss"} <= images
+  assert any(v.tag.startswith("samples/") for v in values if v.metadata.plugin_data.plugin_name == "text")
+  assert any(v.tag == "train/loss" for v in values)
+
+
+def _read_events(path):
+  """The Event records of a TensorBoard event file (TFRecord framing: length, its CRC, payload, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  data, events, pos = path.read_bytes(), [], 0
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return events
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--config.train.bogus=3"], "unknown config key 'train.bogus'"),
+    (["--config.train.bogus=3"], "unknown config key train.bogus "),
+    (["--config.train.nmu_steps=3"], "error: unknown config key train.nmu_steps; did you mean train.num_steps?"),
+    (["--config.trian.num_steps=3"], "error: unknown config key trian.num_steps; did you mean train.num_steps?"),
     (["--config.data.seq_len=128"], "data.seq_len=128 exceeds model.max_seq_len=64"),
     (["--config.data.source=text", "--config.data.train_files=/nonexistent/*.txt",
       "--config.data.val_files=/nonexistent/v.txt", "--config.data.val_plays="], "data.train_files"),
@@ -143,8 +177,16 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
 def test_bad_input_ends_with_one_clear_message_and_no_traceback(tmp_path, args, expected):
   proc = _train_cli(tmp_path / "run", *args)
   assert proc.returncode == 2
-  assert expected in proc.stderr
+  assert proc.stderr.count(expected) == 1  # printed once, not also logged
   assert "Traceback" not in proc.stderr
+  assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1 and "\\n" not in proc.stderr
+
+
+def test_help_shows_the_multi_process_flags():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), "--help"], capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+  for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
+    assert f"  {flag}:" in proc.stdout, flag
 
 
 def test_bad_text_files_are_named_in_the_error(tmp_path):

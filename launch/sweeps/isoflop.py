@@ -110,7 +110,7 @@ def apply_override(cd, key: str, text: str) -> None:
   for p in path:
     parent = parent[p]
   if leaf not in parent:
-    raise KeyError(f"unknown config key {key!r}; every valid key is defined in configs/base.py.")
+    raise KeyError(f"unknown config key {key!r}; every valid key is defined in replaid_jax/base_config.py.")
   current = parent[leaf]
   value_type = None
   if current is None:

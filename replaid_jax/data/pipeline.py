@@ -10,7 +10,7 @@ import numpy as np
 from replaid_jax.data import arrayrecord
 from replaid_jax.data import batching
 from replaid_jax.data import sources
-from replaid_jax.data.tokenizer import Tokenizer, load_tokenizer, train_or_load_tokenizer
+from replaid_jax.data.tokenizer import Tokenizer, default_cache_dir, load_tokenizer, train_or_load_tokenizer
 from replaid_jax.errors import ConfigError, DataError
 
 SOURCES = ("shakespeare", "text", "npy", "arrayrecord")
@@ -18,7 +18,7 @@ SOURCES = ("shakespeare", "text", "npy", "arrayrecord")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The `data` section of the config (see configs/base.py for each field)."""
+  """The `data` section of the config (see replaid_jax/base_config.py for each field)."""
   source: str
   train_files: str
   val_files: str
@@ -83,10 +83,12 @@ def _split_names(spec: str) -> list[str]:
 def _text_tokenizer(cfg: DataConfig, train_docs: list[str], workdir: str) -> Tokenizer:
   if cfg.tokenizer_path:
     return load_tokenizer(cfg.tokenizer_path)
-  cache_dir = cfg.cache_dir or os.path.join(workdir, "tokenizer")
+  # Trained once per corpus and settings in the user's cache; each run keeps its own copy in its workdir.
   return train_or_load_tokenizer(
       train_docs, vocab_size=cfg.tokenizer_vocab_size,
-      model_type=cfg.tokenizer_type, cache_dir=cache_dir)
+      model_type=cfg.tokenizer_type, cache_dir=cfg.cache_dir or default_cache_dir(),
+      # A bucket workdir records the cached model's path and sha256 instead of a copy.
+      copy_to=os.path.join(workdir, "tokenizer") if workdir and "://" not in workdir else None)
 
 
 def _require_files(cfg: DataConfig) -> None:

@@ -3,15 +3,24 @@
 Trained models keep text exactly: identity normalisation, no whitespace
 clean-up, no dummy prefix, byte fallback for unseen characters and "\\n" as a
 piece of its own, so `decode(encode(text)) == text` for verse.
+
+A trained model is cached per user, keyed by the corpus and the training
+settings (the key is in the file name), so that a new run on the same corpus
+does not train again: `data.cache_dir` if set, else $REPLAID_JAX_TOKENIZER_CACHE,
+else $XDG_CACHE_HOME/replaid_jax/tokenizers (~/.cache/replaid_jax/tokenizers).
+A run keeps its own copy in <workdir>/tokenizer/, which its checkpoints record.
 """
 
 from collections.abc import Sequence
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
 import tempfile
 
+from absl import logging
 import numpy as np
 import sentencepiece as spm
 
@@ -28,6 +37,16 @@ _CHUNK_CHARS = 1000
 _MAX_TRAIN_CHARS = 3_000_000
 # Part of the cache key: bump when the training recipe changes.
 _RECIPE_VERSION = 1
+# Overrides the per-user cache directory of trained tokenizers (data.cache_dir overrides both).
+CACHE_ENV = "REPLAID_JAX_TOKENIZER_CACHE"
+
+
+def default_cache_dir() -> str:
+  """$REPLAID_JAX_TOKENIZER_CACHE, else $XDG_CACHE_HOME/replaid_jax/tokenizers (default ~/.cache/...)."""
+  if os.environ.get(CACHE_ENV):
+    return os.path.expanduser(os.environ[CACHE_ENV])
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "replaid_jax", "tokenizers")
 
 
 class Tokenizer:
@@ -76,6 +95,20 @@ class Tokenizer:
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._sp.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
 
+  def display(self, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of `ids` for a terminal: bytes that form no UTF-8 character shown as \\xNN, control characters
+    escaped (`printable`). `decode` stays the faithful text."""
+    out = []
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+    for is_byte, group in itertools.groupby(ids, key=self._sp.is_byte):
+      group = list(group)
+      if is_byte:  # byte-fallback pieces are named "<0xAB>"
+        data = bytes(int(self._sp.id_to_piece(i)[1:-1], 16) for i in group)
+        out.append(data.decode("utf-8", errors="backslashreplace"))
+      else:
+        out.append(self._sp.decode(group))
+    return printable("".join(out))
+
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
 
@@ -90,6 +123,19 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
+
+
+def printable(text: str) -> str:
+  """`text` safe to print: control characters other than newline and tab, and U+FFFD, escaped as \\xNN / \\uFFFD."""
+  return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04X}", text)
+
+
+def display_text(tok, ids: Sequence[int] | np.ndarray) -> str:
+  """`Tokenizer.display`, or the printable decoded text for tokenizers without it."""
+  return tok.display(ids) if hasattr(tok, "display") else printable(tok.decode(ids))
 
 
 def load_tokenizer(path: str, *, what: str = "data.tokenizer_path") -> Tokenizer:
@@ -207,12 +253,16 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str,
-                            cache_dir: str) -> Tokenizer:
+                            cache_dir: str, copy_to: str | None = None) -> Tokenizer:
   """Trains a SentencePiece model on `texts`, or loads it from `cache_dir`.
 
   The cache file is `spm_<model_type>_<vocab_size>_<key>.model`, where the key
   hashes the texts and the training options; equal inputs load the cached
   model without retraining. Training is deterministic.
+
+  With `copy_to` (a run's <workdir>/tokenizer), the model is also copied there
+  and loaded from there: a copy already in `copy_to` is used first, and a cache
+  that cannot be written is only a warning.
   """
   if model_type not in MODEL_TYPES:
     raise ConfigError(
@@ -228,16 +278,41 @@ def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type
         "Cannot train a tokenizer on an empty corpus. Check the training"
         " files, or set data.tokenizer_path to an existing .model file.")
   options = _trainer_options(vocab_size, model_type)
-  key = _cache_key(texts, options)
+  name = f"spm_{model_type}_{vocab_size}_{_cache_key(texts, options)}.model"
   cache_dir = os.path.expanduser(cache_dir)
-  path = os.path.join(cache_dir, f"spm_{model_type}_{vocab_size}_{key}.model")
-  if os.path.isfile(path):
+  path = os.path.join(cache_dir, name)
+  local = os.path.join(copy_to, name) if copy_to else None
+  if local and os.path.isfile(local):
+    return load_tokenizer(local, what="the run's tokenizer")
+  cached = os.path.isfile(path)
+  if cached:
+    logging.info("tokenizer: %s from the cache", path)
+  else:
+    try:
+      os.makedirs(cache_dir, exist_ok=True)
+      writable = os.access(cache_dir, os.W_OK)
+    except OSError as e:
+      writable, reason = False, str(e)
+    else:
+      reason = "not writable"
+    if not writable and not local:
+      raise DataError(
+          f"data.cache_dir: cannot create '{cache_dir}' ({reason}). Set"
+          " data.cache_dir to a writable directory.")
+    chunks = _training_chunks(texts)
+    logging.info("training a SentencePiece tokenizer (%s, %d pieces) on %s characters (cached afterwards at %s)",
+                 model_type, vocab_size, f"{sum(len(c) for c in chunks):,}", path if writable else local)
+    proto = _train(chunks, options)
+    if writable:
+      _write_atomic(path, proto)
+    else:
+      logging.warning("data.cache_dir: cannot write to '%s' (%s); the tokenizer is kept in the run only. Set "
+                      "data.cache_dir (or $%s) to a writable directory to reuse it.", cache_dir, reason, CACHE_ENV)
+  if not local:
     return load_tokenizer(path, what="data.cache_dir")
-  try:
-    os.makedirs(cache_dir, exist_ok=True)
-  except OSError as e:
-    raise DataError(
-        f"data.cache_dir: cannot create '{cache_dir}' ({e}). Set"
-        " data.cache_dir to a writable directory.") from None
-  _write_atomic(path, _train(_training_chunks(texts), options))
-  return load_tokenizer(path, what="data.cache_dir")
+  os.makedirs(copy_to, exist_ok=True)
+  if cached or os.path.isfile(path):
+    with open(path, "rb") as f:
+      proto = f.read()
+  _write_atomic(local, proto)
+  return load_tokenizer(local, what="the run's tokenizer")

@@ -6,7 +6,8 @@ Names:
   npy:<paths or globs>     pre-tokenised token streams (ids of the checkpoint's vocabulary)
   wikitext2, wikitext103, ptb, lm1b, lambada, ag_news, pubmed, arxiv
                            zero-shot sets, read from a local copy under `eval.data_dir`, or from a
-                           prepared tensorflow-datasets builder when that package is installed
+                           tensorflow-datasets builder prepared there with file_format="array_record"
+                           (read with tfds.data_source, no TensorFlow) when that package is installed
 
 Wrapping rule, the same as training (`pipeline.pack`): documents, each followed by
 EOS, are concatenated and cut into rows of `data.seq_len` tokens; no BOS; the
@@ -349,8 +350,16 @@ def _local_files(spec: ZeroShot, split: str, data_dir: str) -> list[str]:
   return []
 
 
+def _tfds_text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def _tfds_docs(spec: ZeroShot, split: str, data_dir: str) -> tuple[list[str], str] | None:
-  """Documents from an already prepared tensorflow-datasets builder; None when unavailable (never downloads)."""
+  """Documents from an already prepared tensorflow-datasets builder; None when unavailable (never downloads).
+
+  Read through `tfds.data_source` (random access to ArrayRecord files), which needs no TensorFlow: the builder
+  must have been prepared with file_format="array_record".
+  """
   if spec.tfds is None or split not in spec.tfds_splits:
     return None
   try:
@@ -360,17 +369,20 @@ def _tfds_docs(spec: ZeroShot, split: str, data_dir: str) -> tuple[list[str], st
   builder_name, fields = spec.tfds
   try:
     builder = tfds.builder(builder_name, data_dir=data_dir or None)
-    info_file = os.path.join(builder.data_dir, "dataset_info.json")
-    if not os.path.isfile(info_file):
+    if not os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json")):
       return None
-    docs = []
-    for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
-      parts = [example[f].decode("utf-8") if isinstance(example[f], bytes) else str(example[f]) for f in fields]
-      docs.append(" ".join(p.strip() for p in parts))
-    return docs, f"tensorflow-datasets builder {builder_name} at {builder.data_dir}"
+  except Exception:  # pylint: disable=broad-except
+    return None  # not prepared here (tfds raises when it finds neither a registered builder nor its files)
+  try:
+    source = tfds.data_source(builder_name, split=split, data_dir=data_dir or None, download=False)
+    docs = [" ".join(_tfds_text(source[i][f]).strip() for f in fields) for i in range(len(source))]
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.DataError(f"tensorflow-datasets builder {builder_name} could not be read offline ({e}); supply a "
-                           f"local copy under eval.data_dir instead.") from None
+    raise errors.DataError(
+        f"tensorflow-datasets builder {builder_name} at {builder.data_dir} could not be read offline "
+        f"({type(e).__name__}: {str(e)[:300]}). It is read without TensorFlow through tfds.data_source, which needs "
+        "the builder prepared with file_format='array_record'; prepare it so, or supply a local copy of the "
+        "original files under eval.data_dir instead.") from None
+  return docs, f"tensorflow-datasets builder {builder_name} at {builder.data_dir} (array_record, {split})"
 
 
 def _zero_shot(name: str, split: str, data_dir: str, tok, seq_len: int) -> EvalSet:
@@ -389,7 +401,8 @@ def _zero_shot(name: str, split: str, data_dir: str, tok, seq_len: int) -> EvalS
     if got is None:
       where = data_dir or "<unset>"
       wanted = " or ".join(os.path.join(data_dir or "DIR", p) for p in spec.files.get(split, ()))
-      tfds_hint = (f" (or a prepared tensorflow-datasets '{spec.tfds[0]}' builder under eval.data_dir)"
+      tfds_hint = (f" (or a tensorflow-datasets '{spec.tfds[0]}' builder prepared there with "
+                   "file_format='array_record')"
                    if spec.tfds and split in spec.tfds_splits else "")
       raise errors.DataError(
           f"{spec.title} ({name}, split '{split}') is not available offline: eval.data_dir={where} holds none of "
@@ -405,6 +418,11 @@ def _zero_shot(name: str, split: str, data_dir: str, tok, seq_len: int) -> EvalS
               "detokenizer": f"{spec.detokenizer.__name__}: {spec.detokenizer.__doc__.strip()}",
               **_text_protocol(docs, total, spec.word_level)}
   return _finish(name, split, rows, dropped, seq_len, protocol)
+
+
+def display_name(name: str, split: str) -> str:
+  """How a set is named to a person: "validation" for the run's own split, "wikitext2/test" for others."""
+  return name if name == split else f"{name}/{split}"
 
 
 def set_name(dataset: str, split: str) -> tuple[str, str]:

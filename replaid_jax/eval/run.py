@@ -5,7 +5,7 @@
   2. rebuilds the config saved in the checkpoint metadata. The model, diffusion,
      data and mesh sections come from the checkpoint; only `eval.*` may be set
      (`overrides`, e.g. {"eval.final_num_times": 16}). The eval section starts
-     from the defaults of configs/base.py, not from the run's in-training
+     from the defaults of replaid_jax/base_config.py, not from the run's in-training
      quick-look settings, so every checkpoint is evaluated under one pinned
      protocol: K = eval.final_num_times (8) lattice times per sequence and the
      whole split (eval.max_batches = 0); only the run's eval.batch_size (known to
@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 import replaid_jax
-from configs import base as base_config
+from replaid_jax import base_config
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
@@ -62,7 +62,7 @@ _EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for
 
 
 def _merge_onto_base(saved: dict) -> tuple[dict, list[str]]:
-  """The saved config on top of configs/base.py; returns (merged dict, keys filled from the defaults)."""
+  """The saved config on top of replaid_jax/base_config.py; returns (merged dict, keys filled from the defaults)."""
   merged = base_config.get_base_config().to_dict()
   unknown, filled = [], []
   for section, values in saved.items():
@@ -100,7 +100,7 @@ def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
     name = key[len("eval."):]
     if name not in ev:
       raise errors.ConfigError(f"unknown config key '{key}'; the eval keys are {', '.join(sorted(ev.keys()))} "
-                               "(each explained in configs/base.py).")
+                               "(each explained in replaid_jax/base_config.py).")
     try:
       ev[name] = value
     except (TypeError, ValueError) as e:
@@ -115,7 +115,7 @@ def checkpoint_config(meta: dict, overrides: dict[str, Any] | None = None) -> co
     raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
   merged, filled = _merge_onto_base(saved)
   if filled:
-    logging.warning("the saved config lacks %s; using the defaults of configs/base.py", ", ".join(filled))
+    logging.warning("the saved config lacks %s; using the defaults of replaid_jax/base_config.py", ", ".join(filled))
   merged["eval"] = eval_section(saved.get("eval", {}), overrides or {})
   c = config_lib.from_config_dict(ml_collections.ConfigDict(merged))
   vocab = meta.get("vocab_size")
@@ -277,7 +277,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
     ckpt.close()
   out_dir = output_dir_for(workdir, output_dir)
   evalset = session.dataset(dataset, c, tok, workdir)
-  label = f"{evalset.name}/{evalset.split} step {step}"
+  label = f"{datasets.display_name(evalset.name, evalset.split)} step {step}"
   key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
   put = functools.partial(jax.device_put, device=model.batch_sharding)
   if c.objective != "replaid" and set(analyses) - {"bound"}:
@@ -316,10 +316,12 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
       writer.write(step, {"ce_linear_r2": result["curves"]["summary"]["ce_linear_fit"]["r2"],
                           "diffusion_cv": result["curves"]["summary"]["diffusion_cv"]},
                    prefix=prefix + "curves/", console=False)
+      writer.write_image(prefix + "curves", result["curves"].get("png", ""), step)
     if "geometry" in analyses:
       result["geometry"] = _geometry(c, params, evalset, tok, out_dir, step)
       writer.write(step, {"pcs_for_90pct": result["geometry"]["all_rows"]["components_for_90pct"]},
                    prefix="geometry/", console=False)
+      writer.write_image("geometry/pca_scree", result["geometry"].get("png", ""), step)
     result["seconds_total"] = time.time() - t_start
     path = result_path(workdir, step, dataset, c.eval.split, output_dir, c.eval.max_batches)
     per_sequence = result.pop("per_sequence", None)
@@ -421,7 +423,8 @@ def _curves(session: Session, c, model: Model, params, evalset, key, put, label:
   if jax.process_index() == 0:
     paths.makedirs(out_dir)
     out["png"] = curves_lib.save_plot(curves, summary, os.path.join(out_dir, stem + ".png"),
-                                      f"information loss, {evalset.name}/{evalset.split}, step {step}")
+                                      f"information loss, {datasets.display_name(evalset.name, evalset.split)}, "
+                                      f"step {step}")
     with paths.open_file(out["json"], "w") as f:
       json.dump(out, f, indent=2)
   logging.info("curves %s: CE(t) linear R^2 = %.4f, CV of l(t) = %.3f, integral of l(t) = %.4f", label,
@@ -450,7 +453,7 @@ def _geometry(c, params, evalset, tok, out_dir: str, step: int) -> dict:
 
 def summary_line(r: dict) -> str:
   """One human line: the bound with its error bar, the protocol in brief, throughput."""
-  head = f"step {r['step']} | {r['dataset']}/{r['split']}"
+  head = f"step {r['step']} | {datasets.display_name(r['dataset'], r['split'])}"
   if "nats_per_token" not in r:
     return head + " | " + ", ".join(k for k in ("curves", "geometry") if k in r) + f" -> {r.get('path')}"
   p, thr = r["protocol"], r.get("throughput", {})

@@ -2,7 +2,7 @@
 
 `sample_checkpoint(workdir, step=None, overrides={...})`:
   1. restores the EMA parameters of the checkpoint and its saved config (keys the
-     code gained since are filled from configs/base.py; `overrides` replace keys of
+     code gained since are filled from replaid_jax/base_config.py; `overrides` replace keys of
      the `sample` section only);
   2. loads the checkpoint's tokenizer and checks it against the recorded sha256 and
      vocabulary, then tokenises the prompts and words (sample.prefix, ...);
@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import base as base_config
+from replaid_jax import base_config
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import sharding as sharding_lib
+from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
@@ -44,7 +45,7 @@ from replaid_jax.sample import quality
 
 def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
                    vocab_size: int | None = None) -> tuple[config_lib.Config, list[str]]:
-  """The saved config with keys it lacks taken from configs/base.py, and `sample` overrides applied.
+  """The saved config with keys it lacks taken from replaid_jax/base_config.py, and `sample` overrides applied.
 
   Returns (config, the keys filled from the base config).
   """
@@ -61,7 +62,7 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
   for key, value in (overrides or {}).items():
     if key not in merged["sample"]:
       raise errors.ConfigError(f"unknown key sample.{key}; the keys of the sample section are described in "
-                               "configs/base.py.")
+                               "replaid_jax/base_config.py.")
     merged["sample"] = {**merged["sample"], key: value}
   if merged["model"].get("vocab_size") is None and vocab_size is not None:
     merged["model"] = {**merged["model"], "vocab_size": vocab_size}
@@ -175,7 +176,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   try:
     c, filled = resolve_config(meta.get("config") or {}, overrides, meta.get("vocab_size"))
     if filled:
-      logging.info("the saved config lacks %s; taken from configs/base.py", ", ".join(filled))
+      logging.info("the saved config lacks %s; taken from replaid_jax/base_config.py", ", ".join(filled))
     s = c.sample
     seq_len = s.seq_len or c.data.seq_len
     if seq_len > c.model.max_seq_len:
@@ -290,20 +291,25 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
     paths.write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
     summary["samples_file"] = path
     paths.write_text_atomic(path[:-len(".jsonl")] + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    _print(rows, summary, s.print_samples)
+    shown = [tokenizer_lib.display_text(tok, row) if tok is not None else " ".join(map(str, row.tolist()))
+             for row in tokens]
+    _print(rows, shown, summary, s.print_samples)
   return summary
 
 
-def _print(rows: list[dict], summary: dict, limit: int) -> None:
+def _print(rows: list[dict], shown_text: list[str], summary: dict, limit: int) -> None:
+  """Prints the samples (as `Tokenizer.display` shows them: control characters and stray bytes escaped; the JSONL
+  keeps the exact text) and a summary."""
   shown = rows if limit < 0 else rows[:limit]
   for rec in shown:
-    head = f"sample {rec['index']} (seed {rec['seed']}, unigram entropy {rec['unigram_entropy']:.2f} nats)"
+    head = (f"sample {rec['index'] + 1} of {len(rows)} (noise stream {rec['index']}, unigram entropy "
+            f"{rec['unigram_entropy']:.2f} nats)")
     print(f"{'=' * 8} {head} {'=' * 8}")
-    print(rec["text"] if rec["text"] is not None else " ".join(map(str, rec["tokens"])))
+    print(shown_text[rec["index"]])
   st = summary["sampler"]
-  lines = [f"{summary['num_samples']} samples from step {summary['checkpoint_step']}: {st['sampler']}, {st['steps']} "
-           f"steps ({st['time_grid']} grid), score_temp {st['score_temp']}, seq_len {st['seq_len']}, "
-           f"{summary['timing']['seconds']:.1f}s",
+  lines = [f"{summary['num_samples']} samples (seed {summary['seed']}) from step {summary['checkpoint_step']}: "
+           f"{st['sampler']}, {st['steps']} steps ({st['time_grid']} grid), score_temp {st['score_temp']}, "
+           f"seq_len {st['seq_len']}, {summary['timing']['seconds']:.1f}s",
            f"mean unigram entropy {summary['unigram_entropy_mean']:.3f} nats"]
   if "target_logp_mean" in summary:
     how = st["condition"] + (f", w={st['guidance_weight']}" if st["condition"] != "clamp" else "")

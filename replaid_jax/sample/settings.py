@@ -10,7 +10,7 @@ CONDITIONING_MODES = ("guidance", "clamp", "both")
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  """The `sample` config section (every key is described in configs/base.py)."""
+  """The `sample` config section (every key is described in replaid_jax/base_config.py)."""
 
   num_samples: int
   batch_size: int

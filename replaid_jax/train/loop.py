@@ -15,7 +15,7 @@
      gradients is not applied, and more of them than train.skip_nonfinite_steps
      stop the run before anything non-finite could be saved;
   5. saves, then evaluates the EMA parameters on the whole validation split and
-     writes <workdir>/eval/final.json (and a few samples).
+     writes <workdir>/eval/final.json (and a few samples, to <workdir>/samples/).
 """
 
 import dataclasses
@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import parameter_overview
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,6 +42,7 @@ from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
 from replaid_jax import workdir_lock
 from replaid_jax.data import arrayrecord
+from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.data import pipeline
 from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
@@ -246,9 +246,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   workdir = paths.absolute(workdir)
   if paths.exists(workdir) and not paths.isdir(workdir):
     raise errors.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a new or existing directory.")
-  if paths.is_uri(workdir) and c.data.source == "text" and not (c.data.tokenizer_path or c.data.cache_dir):
-    raise errors.ConfigError(f"--workdir={workdir} is a bucket, where a tokenizer cannot be trained and cached; set "
-                             "data.cache_dir to a local directory (or data.tokenizer_path to a trained model).")
   try:
     paths.makedirs(workdir)
   except OSError as e:
@@ -345,7 +342,7 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
   run = build(c, corpus)
   logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{params_lib.count(run.state.params):,}",
                f"{params_lib.count(run.state.params['denoiser']):,}",
-               parameter_overview.get_parameter_overview(run.state.params, include_stats=False))
+               metrics_lib.parameter_table(run.state.params))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   # Each process reads its own rows of every global batch (see pipeline.train_iterator).
@@ -370,6 +367,7 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
   else:
     state = run.state
     writer.write_json("config.json", meta)
+  writer.write_hparams(config.to_dict(), ("val/nats_per_token", "val/ratio_to_unigram", "train/loss"))
   try:
     return _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after)
   finally:
@@ -477,11 +475,17 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     writer.write(step_done, {k2: v for k2, v in res.items() if isinstance(v, (int, float)) and v is not None},
                  prefix="val/")
     if jax.process_index() == 0:
+      pngs = {}
       if c.objective == "replaid":
-        plots.save_schedule_plot(jax.device_get(state.ema_params), c.diffusion.schedule,
-                                 paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
-      plots.save_bound_curve({"run": plots.read_validation_curve(workdir)},
-                             paths.join(workdir, "plots", "bound_vs_minutes.png"))
+        pngs["plots/gamma"] = plots.save_schedule_plot(
+            jax.device_get(state.ema_params), c.diffusion.schedule,
+            paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+      rows = plots.read_metrics(workdir)
+      pngs["plots/bound_vs_minutes"] = plots.save_bound_curve({"run": [r for r in rows if "val/nats_per_token" in r]},
+                                                              paths.join(workdir, "plots", "bound_vs_minutes.png"))
+      pngs["plots/loss"] = plots.save_loss_curve(rows, paths.join(workdir, "plots", "loss.png"))
+      for tag, png in pngs.items():
+        writer.write_image(tag, png, step_done)
     last_eval_time = time.time()
     return res
 
@@ -542,13 +546,21 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   logging.info("validation bound at step %d: %.4f ± %.4f nats/token (perplexity ≤ %.2f) over %d sequences, K=%d; "
                "unigram %.4f; ratio %.3f", step, final["nats_per_token"], final["stderr"], final["perplexity_bound"],
                final["num_sequences"], final["num_times"], final["unigram_nats_per_token"], final["ratio_to_unigram"])
+  samples_file = None
   if c.eval.num_samples and corpus.tokenizer is not None and jax.process_index() == 0:
     toks = run.objective.sample(jax.device_get(state.ema_params), jax.random.fold_in(base_key, 7),
                                 num_samples=c.eval.num_samples, seq_len=c.data.seq_len, num_steps=c.eval.sample_steps)
     texts = [corpus.tokenizer.decode([int(t) for t in row]) for row in np.asarray(toks)]
-    with paths.open_file(paths.join(workdir, "eval", f"samples_step{step}.jsonl"), "w") as f:
-      for text, row in zip(texts, np.asarray(toks)):
-        f.write(json.dumps({"step": step, "steps": c.eval.sample_steps, "text": text, "tokens": row.tolist()}) + "\n")
-    for i, text in enumerate(texts):
-      logging.info("sample %d:\n%s", i, text)
+    paths.makedirs(paths.join(workdir, "samples"))
+    samples_file = paths.join(workdir, "samples", f"samples_step{step}.jsonl")
+    paths.write_text_atomic(samples_file, "".join(
+        json.dumps({"index": i, "step": step, "steps": c.eval.sample_steps, "text": text,
+                    "tokens": row.tolist()}) + "\n" for i, (text, row) in enumerate(zip(texts, np.asarray(toks)))))
+    for i, row in enumerate(np.asarray(toks)):
+      shown = tokenizer_lib.display_text(corpus.tokenizer, row)  # control characters and stray bytes escaped
+      logging.info("sample %d of %d:\n%s", i + 1, len(texts), shown)
+      writer.write_text(f"samples/{i}", shown, step)
+  logging.info("results: %s; plots: %s; %sTensorBoard: tensorboard --logdir %s",
+               paths.join(workdir, "eval", "final.json"), paths.join(workdir, "plots"),
+               f"samples: {samples_file}; " if samples_file else "", paths.join(workdir, "train"))
   return final
