@@ -27,14 +27,16 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
+
+from replaid_jax import cli
 
 _OUT = flags.DEFINE_string("out", None, "Study directory.", required=True)
 _BASE = flags.DEFINE_string("base", "configs/scaling_mini.py:XXS", "Base config file[:ARG].")
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME:KEY=VALUE[;KEY=VALUE...] (repeatable).")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-_STEPS = flags.DEFINE_string("steps", "100,300,500,1000", "Steps at which the bound is measured.")
+_STEPS = flags.DEFINE_string("steps", "100,300,500,1000", "Steps at which the bound is measured (a probe reports "
+                             "every min(steps) steps up to max(steps)).")
 _DIAG = flags.DEFINE_string("diagnostics", "", "Steps at which the per-noise-level diagnostic is computed.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
 _PIN = flags.DEFINE_bool("pin", True, "Pin each run to one core with single-threaded XLA.")
@@ -96,8 +98,8 @@ def _run_one(spec: str, seed: int, out_file: str) -> None:
     print(f"{name} seed {seed} step {p.step}: bound {p.bound:.4f} ± {p.stderr:.4f} ({p.seconds:.0f}s)", flush=True)
 
   if _PROBE.value is not None:
-    pts = plateau.fixed_level_probe(cd, corpus, gamma=_PROBE.value, steps=max(steps), loss=_PROBE_LOSS.value, every=100,
-                                    seed=seed)
+    pts = plateau.fixed_level_probe(cd, corpus, gamma=_PROBE.value, steps=max(steps), loss=_PROBE_LOSS.value,
+                                    every=min(steps), seed=seed)
     for p in pts:
       print(f"{name} seed {seed} step {p['step']}: ce {p['ce']:.4f}, context-free {p['context_free_ce']:.4f}",
             flush=True)
@@ -237,4 +239,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

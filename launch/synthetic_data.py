@@ -11,8 +11,9 @@ OUT/info.json records the exact entropy per token of a data.seq_len window
 
 import json
 
-from absl import app
 from absl import flags
+
+from replaid_jax import cli
 
 from replaid_jax.research import synthetic
 
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -105,3 +105,49 @@ def test_group_norms_and_embedding_separation():
   sep = plateau.embedding_separation({"embedding": {"table": jnp.asarray(table)}})
   assert sep["embed_min_dist"] == pytest.approx(math.sqrt(2))
   assert sep["embed_mean_dist"] == pytest.approx((2 * math.sqrt(2) + 2) / 3)
+
+
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+
+def _cli(*args):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path):
+  """synthetic_data.py writes a source with its entropy; plateau.py runs variants x seeds, reports paired bounds."""
+  import json  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "src"
+  _cli("launch/synthetic_data.py", f"--out={src}", "--vocab=16", "--order=1", "--successors=3",
+       "--train_tokens=20000", "--val_tokens=2048", "--seq_len=32")
+  info = json.loads((src / "info.json").read_text())
+  assert 0 < info["sequence_entropy"] < info["unigram_entropy"] <= math.log(16)
+  data = (f"data.source='npy';data.train_files='{src}/train.npy';data.val_files='{src}/val.npy';"
+          "data.npy_vocab_size=16;data.val_plays='';eval.num_samples=0")
+  study = tmp_path / "study"
+  _cli("launch/plateau.py", f"--out={study}", "--base=configs/tiny.py", f"--variant=replaid:{data}",
+       f"--variant=ar:objective='ar';{data}", "--seeds=0", "--steps=2,4", "--parallel=2", "--reference=replaid")
+  summary = json.loads((study / "summary.json").read_text())
+  assert set(summary) == {"replaid", "ar"}
+  for name, v in summary.items():
+    assert sorted(int(s) for s in v["steps"]) == [2, 4]
+    assert all(np.isfinite(r["mean"]) for r in v["steps"].values())
+  assert "paired_diff" in summary["ar"]["steps"]["4"] and "paired_diff" not in summary["replaid"]["steps"]["4"]
+  run = json.loads((study / "replaid" / "seed0.json").read_text())
+  assert "train/grad_norm_denoiser" not in run["points"][0]["train"]  # averaged step metrics, not logged rows
+  assert run["points"][0]["train"]["grad_norm_denoiser"] >= 0 and "embed_min_dist" in run["points"][0]["train"]
+  assert "| replaid | 1 |" in (study / "report.md").read_text()
+  # Rerunning skips finished runs; a probe reports every min(steps) steps.
+  again = _cli("launch/plateau.py", f"--out={study}", "--base=configs/tiny.py", f"--variant=replaid:{data}",
+               "--seeds=0", "--steps=2,4")
+  assert "0 run(s) to do" in again.stdout
+  probe = tmp_path / "probe"
+  _cli("launch/plateau.py", f"--out={probe}", "--base=configs/tiny.py", f"--variant=p:{data}", "--seeds=0",
+       "--steps=2,4", "--probe_gamma=-2")
+  pts = json.loads((probe / "p" / "seed0.json").read_text())["points"]
+  assert [p["step"] for p in pts] == [2, 4] and all(np.isfinite(p["train"]["ce"]) for p in pts)
