@@ -117,6 +117,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.curve_points = 21  # launch/eval.py --curves: points of the t-grid on [0, 1]
   e.curve_max_sequences = 128  # launch/eval.py --curves: held-out sequences per grid point
   e.geometry_top_tokens = 20  # launch/eval.py --geometry: most frequent tokens whose neighbours are listed
+  e.diagnostic_sequences = 64  # RePlaid: sequences for the per-noise-level diagnostic at each in-loop evaluation (0: off)
 
   # ---- sampling (launch/sample.py; --config.sample.KEY=VALUE overrides these and nothing else).
   s = c.sample = ml_collections.ConfigDict()

@@ -69,6 +69,7 @@ class EvalConfig:
   curve_points: int
   curve_max_sequences: int
   geometry_top_tokens: int
+  diagnostic_sequences: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,7 @@ MINIMUMS = {
     "data.seq_len": 1, "data.num_workers": 0, "data.tokenizer_vocab_size": 1,
     "eval.max_batches": 0, "eval.final_num_times": 0, "eval.final_max_batches": 0, "eval.num_samples": 0,
     "eval.sample_steps": 1, "eval.curve_points": 2, "eval.curve_max_sequences": 1, "eval.geometry_top_tokens": 1,
+    "eval.diagnostic_sequences": 0,
     "model.mlp_ratio": 1, "model.cond_dim": 1, "model.cond_freqs": 1, "model.max_seq_len": 1,
     "model.schedule_hidden": 1, "diffusion.output_prior_warmup_steps": 0,
 }

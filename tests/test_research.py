@@ -11,7 +11,7 @@ import pytest
 
 from replaid_jax.models import denoiser
 from replaid_jax.models import model as model_lib
-from replaid_jax.research import plateau
+from replaid_jax.eval import diagnostics
 from replaid_jax.research import synthetic
 
 
@@ -60,7 +60,7 @@ def test_diagnostic_at_initialisation_is_the_context_free_denoiser(tiny_model):
   log_unigram = np.log(counts / counts.sum())
   params = _params_with_unigram_bias(jax.random.key(0), tiny_model, log_unigram)
   tokens = rng.integers(0, tiny_model.vocab_size, (4, 16))
-  out = plateau.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(1), model_cfg=tiny_model,
+  out = diagnostics.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(1), model_cfg=tiny_model,
                                        bins=4, per_bin=2)
   np.testing.assert_allclose(out["model"], out["context_free"], rtol=1e-4, atol=1e-6)
   assert out["model_total"] > 0
@@ -72,9 +72,9 @@ def test_diagnostic_integral_matches_a_fine_quadrature_of_the_context_free_loss(
   log_unigram = np.log(np.full(tiny_model.vocab_size, 1.0 / tiny_model.vocab_size))
   params = _params_with_unigram_bias(jax.random.key(2), tiny_model, log_unigram)
   tokens = rng.integers(0, tiny_model.vocab_size, (64, 16))
-  coarse = plateau.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(3), model_cfg=tiny_model,
+  coarse = diagnostics.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(3), model_cfg=tiny_model,
                                           bins=6, per_bin=2)["context_free_total"]
-  fine = plateau.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(3), model_cfg=tiny_model,
+  fine = diagnostics.denoiser_gain_by_level(params, tokens, log_unigram, jax.random.key(3), model_cfg=tiny_model,
                                         bins=6, per_bin=16)["context_free_total"]
   assert coarse == pytest.approx(fine, rel=0.05)
 
@@ -98,11 +98,11 @@ def test_head_and_gate_init_switches(tiny_model):
 
 def test_group_norms_and_embedding_separation():
   tree = {"a": {"x": jnp.ones((3,)), "y": jnp.full((2,), 2.0)}, "b": jnp.zeros((4,))}
-  norms = plateau.group_norms(tree)
+  norms = diagnostics.group_norms(tree)
   assert float(norms["a"]) == pytest.approx(math.sqrt(3 + 8))
   assert float(norms["b"]) == 0.0
   table = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-  sep = plateau.embedding_separation({"embedding": {"table": jnp.asarray(table)}})
+  sep = diagnostics.embedding_separation({"embedding": {"table": jnp.asarray(table)}})
   assert sep["embed_min_dist"] == pytest.approx(math.sqrt(2))
   assert sep["embed_mean_dist"] == pytest.approx((2 * math.sqrt(2) + 2) / 3)
 

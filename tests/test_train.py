@@ -135,6 +135,12 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "train"))
   assert (workdir / "plots" / "gamma_step4.png").stat().st_size > 1000
   assert (workdir / "plots" / "loss.png").stat().st_size > 1000
+  # The per-noise-level diagnostic: per-bin gains over the context-free denoiser, embedding separation, plot.
+  diag = next(r for r in rows if "diag/context_gain" in r)
+  assert len([k for k in diag if k.startswith("diag/gain_bin")]) == 12
+  assert sum(diag[f"diag/gain_bin{i:02d}"] for i in range(12)) == pytest.approx(diag["diag/context_gain"], abs=1e-6)
+  assert 0 < diag["diag/embed_min_dist"] <= diag["diag/embed_mean_dist"] <= 2
+  assert (workdir / "plots" / "noise_levels_step4.png").stat().st_size > 1000
   samples = [json.loads(line) for line in (workdir / "samples" / "samples_step4.jsonl").read_text().splitlines()]
   assert len(samples) == 1 and len(samples[0]["tokens"]) == 32 and samples[0]["index"] == 0
   assert "validation bound at step 4" in proc.stderr
@@ -150,7 +156,7 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   hparams = next(v for v in values if v.tag == "_hparams_/session_start_info").metadata.plugin_data.content
   assert b"train.num_steps" in hparams and b"model.width" in hparams
   images = {v.tag for v in values if v.HasField("image")}
-  assert {"plots/gamma", "plots/bound_vs_minutes", "plots/loss"} <= images
+  assert {"plots/gamma", "plots/bound_vs_minutes", "plots/loss", "plots/noise_levels"} <= images
   assert any(v.tag.startswith("samples/") for v in values if v.metadata.plugin_data.plugin_name == "text")
   assert any(v.tag == "train/loss" for v in values)
 

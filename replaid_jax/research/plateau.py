@@ -1,20 +1,11 @@
-"""Learning-curve runs and diagnostics for studying how fast a model leaves the unigram plateau.
+"""Learning-curve studies of how fast a model leaves the unigram plateau, and a fixed-level probe.
 
 `train_curve` trains one config in-process on a corpus that is already in
 memory (no checkpoints, no tokenizer work) and measures the validation bound
 at chosen steps on a fixed subset with common random numbers, so that runs of
-different variants at the same seed are paired. `denoiser_gain_by_level` is
-the per-noise-level diagnostic: the diffusion loss written as an integral over
-the noise level,
-
-  L_diff = int_{gamma_0}^{gamma_1} 1/2 exp(-gamma) mse(gamma) d gamma,
-  mse(gamma) = E ||e - x_hat(z_gamma)||^2 (mean over positions),
-
-which does not depend on the schedule's shape, split into bins and compared,
-bin by bin, with the same integral for the context-free Bayes denoiser (each
-position's posterior under the unigram prior: logits = log p(v) + (alpha /
-sigma^2) z.e_v). A model "on the plateau" is one whose per-bin loss equals the
-context-free one; the bins where it is lower are where it uses context.
+different variants at the same seed are paired; optionally with the
+per-noise-level diagnostic of `replaid_jax.eval.diagnostics`.
+`fixed_level_probe` trains the denoiser alone at one noise level.
 """
 
 import dataclasses
@@ -31,80 +22,11 @@ import numpy as np
 from replaid_jax import config_lib
 from replaid_jax.data import pipeline
 from replaid_jax.eval import bound as bound_lib
+from replaid_jax.eval import diagnostics
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
 from replaid_jax.train import step as step_lib
-
-
-def group_norms(tree: dict) -> dict[str, jax.Array]:
-  """Global L2 norm of each top-level group of a parameter-shaped tree."""
-  return {k: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(v))) for k, v in tree.items()}
-
-
-def embedding_separation(params: dict) -> dict[str, float]:
-  """Min and mean pairwise distance between the unit-norm embedding rows (2 for antipodal, sqrt 2 orthogonal)."""
-  table = np.asarray(embedding.normalized(params["embedding"]), np.float64)
-  sq = np.clip(2.0 - 2.0 * table @ table.T, 0.0, None)
-  iu = np.triu_indices(table.shape[0], 1)
-  d = np.sqrt(sq[iu])
-  return {"embed_min_dist": float(d.min()), "embed_mean_dist": float(d.mean())}
-
-
-def _gamma_grid(g0: float, g1: float, bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray]:
-  """Midpoint nodes (bins * per_bin) on [g0, g1] and the bin edges."""
-  edges = np.linspace(g0, g1, bins + 1)
-  width = (g1 - g0) / (bins * per_bin)
-  nodes = g0 + width * (np.arange(bins * per_bin) + 0.5)
-  return nodes, edges
-
-
-def denoiser_gain_by_level(params: dict, tokens_BL: np.ndarray, log_unigram: np.ndarray, key: jax.Array, *,
-                           model_cfg: model_lib.ModelConfig, bins: int = 12, per_bin: int = 4,
-                           selfcond: bool = True, use_output_prior: bool = True) -> dict[str, Any]:
-  """Per-bin diffusion loss (nats/token) of the model and of the context-free Bayes denoiser.
-
-  The integral over gamma in [gamma_0, gamma_1] is a midpoint rule with
-  `bins * per_bin` nodes, one noise draw per node shared by both denoisers.
-  Returns lists over bins: gamma edges, model, context_free and their
-  difference (positive where the model beats the context-free denoiser).
-  """
-  g0 = float(params["bounds"]["gamma_0"])
-  g1 = float(params["bounds"]["gamma_1"])
-  nodes, edges = _gamma_grid(g0, g1, bins, per_bin)
-  dgamma = (g1 - g0) / len(nodes)
-  table = embedding.normalized(params["embedding"])
-  tokens = jnp.asarray(tokens_BL)
-  e = embedding.lookup(table, tokens)
-  logu = jnp.asarray(log_unigram, jnp.float32)
-  batch = tokens.shape[0]
-
-  @jax.jit
-  def at(g, k):
-    g_B = jnp.full((batch,), g, jnp.float32)
-    alpha2, sigma2 = noise_schedule.alpha_sigma2(g_B)
-    z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(k, e.shape)
-    t_B = jnp.zeros_like(g_B)
-    x_sc = jnp.zeros_like(z)
-    pred = lambda x_sc: model_lib.predict(params, z, g_B, t_B, x_sc, cfg=model_cfg, prior_scale=1.0,
-                                          use_output_prior=use_output_prior)[1]
-    x_hat = pred(pred(x_sc)) if selfcond else pred(x_sc)
-    coef = (jnp.sqrt(alpha2) / sigma2)[:, None, None]
-    free = jax.nn.softmax(logu + coef * jnp.einsum("ble,ve->blv", z, table), axis=-1) @ table
-    mse = lambda xh: jnp.mean(jnp.sum(jnp.square(e - xh), -1))
-    return mse(x_hat), mse(free)
-
-  model_d, free_d = [], []
-  for i, g in enumerate(nodes):
-    m, f = at(float(g), jax.random.fold_in(key, i))
-    w = 0.5 * math.exp(-g) * dgamma
-    model_d.append(w * float(m))
-    free_d.append(w * float(f))
-  model_b = np.asarray(model_d).reshape(bins, per_bin).sum(1)
-  free_b = np.asarray(free_d).reshape(bins, per_bin).sum(1)
-  return {"gamma_edges": edges.tolist(), "model": model_b.tolist(), "context_free": free_b.tolist(),
-          "gain": (free_b - model_b).tolist(), "model_total": float(model_b.sum()),
-          "context_free_total": float(free_b.sum())}
 
 
 @dataclasses.dataclass
@@ -152,7 +74,7 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   unigram = bound_lib.unigram_cross_entropy(corpus.unigram_counts, val)
   state = run.state
   points, acc, n_acc = [], {}, 0
-  diagnostics = {}
+  diagnostics_out = {}
   t0 = time.time()
   targets = sorted(set(eval_steps))
   step = 0
@@ -172,40 +94,18 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
       res = bound_lib.evaluate(bound_fn, state.ema_params, val, eval_key, batch_size=min(64, len(val)))
       train = {k: v / n_acc for k, v in acc.items()}
       if c.objective == "replaid":
-        train.update(embedding_separation(jax.device_get(state.params)))
+        train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
       point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - t0, train)
       points.append(point)
       acc, n_acc = {}, 0
       if on_point:
         on_point(point)
     if step in diagnostics_at and c.objective == "replaid":
-      diagnostics[step] = denoiser_gain_by_level(jax.device_get(state.ema_params), val[:64], log_unigram,
+      diagnostics_out[step] = diagnostics.denoiser_gain_by_level(jax.device_get(state.ema_params), val[:64],
+                                                                 log_unigram,
                                                  jax.random.key(eval_seed + 1), model_cfg=c.model)
-  return {"unigram": unigram, "points": [dataclasses.asdict(p) for p in points], "diagnostics": diagnostics,
+  return {"unigram": unigram, "points": [dataclasses.asdict(p) for p in points], "diagnostics": diagnostics_out,
           "seconds": time.time() - t0}
-
-
-def plot_gain_by_level(curves: dict[str, dict], path: str, title: str = "") -> None:
-  """Bars of the context-free per-bin loss and lines of each model's, against the noise level gamma (-log SNR)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4))
-  first = next(iter(curves.values()))
-  edges = np.asarray(first["gamma_edges"])
-  mids = 0.5 * (edges[1:] + edges[:-1])
-  ax.bar(mids, first["context_free"], width=0.9 * (edges[1] - edges[0]), color="0.85",
-         label=f"context-free denoiser ({first['context_free_total']:.2f} nats)")
-  for name, d in curves.items():
-    m = 0.5 * (np.asarray(d["gamma_edges"][1:]) + np.asarray(d["gamma_edges"][:-1]))
-    ax.plot(m, d["model"], marker="o", ms=3, label=f"{name} ({d['model_total']:.2f} nats)")
-  ax.set_xlabel("noise level gamma = -log SNR (bins)")
-  ax.set_ylabel("diffusion loss in the bin (nats/token)")
-  ax.set_title(title or "where along the noise level the denoiser beats the context-free one", fontsize=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, gamma: float, steps: int,

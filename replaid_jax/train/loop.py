@@ -46,6 +46,7 @@ from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.data import pipeline
 from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
+from replaid_jax.eval import diagnostics
 from replaid_jax.models import params as params_lib
 from replaid_jax.train import optim
 from replaid_jax.train import plots
@@ -375,6 +376,26 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
     writer.close()
 
 
+def _noise_level_diagnostics(c, corpus, ema, writer, workdir: str, step: int) -> str:
+  """Logs where along the noise level the model beats the context-free denoiser, and the embedding separation."""
+  counts = corpus.unigram_counts + 1.0
+  diag = diagnostics.denoiser_gain_by_level(
+      ema, corpus.val[:c.eval.diagnostic_sequences], np.log(counts / counts.sum()),
+      jax.random.key(c.seed + 17), model_cfg=c.model, bins=12, per_bin=2, use_output_prior=c.diffusion.output_prior)
+  scalars = {"context_gain": diag["context_free_total"] - diag["model_total"],
+             "context_free_diffusion": diag["context_free_total"], "model_diffusion": diag["model_total"],
+             **diagnostics.embedding_separation(ema),
+             **{f"gain_bin{i:02d}": g for i, g in enumerate(diag["gain"])}}
+  writer.write(step, scalars, prefix="diag/", console=False)
+  logging.info("[%d] context gain %.4f nats/token over the context-free denoiser (diffusion term on %d sequences); "
+               "embedding rows: min distance %.3f, mean %.3f", step, scalars["context_gain"],
+               min(c.eval.diagnostic_sequences, corpus.val.shape[0]), scalars["embed_min_dist"],
+               scalars["embed_mean_dist"])
+  path = paths.join(workdir, "plots", f"noise_levels_step{step}.png")
+  diagnostics.plot_gain_by_level({f"step {step}": diag}, path)
+  return path
+
+
 @jax.jit
 def _track_nonfinite(count, first, flag, step):
   """Device-side tally of skipped (non-finite) steps and the first of them: no host sync per step."""
@@ -477,9 +498,11 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     if jax.process_index() == 0:
       pngs = {}
       if c.objective == "replaid":
+        ema = jax.device_get(state.ema_params)
         pngs["plots/gamma"] = plots.save_schedule_plot(
-            jax.device_get(state.ema_params), c.diffusion.schedule,
-            paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+            ema, c.diffusion.schedule, paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
+        if c.eval.diagnostic_sequences:
+          pngs["plots/noise_levels"] = _noise_level_diagnostics(c, corpus, ema, writer, workdir, step_done)
       rows = plots.read_metrics(workdir)
       pngs["plots/bound_vs_minutes"] = plots.save_bound_curve({"run": [r for r in rows if "val/nats_per_token" in r]},
                                                               paths.join(workdir, "plots", "bound_vs_minutes.png"))
