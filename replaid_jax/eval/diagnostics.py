@@ -126,5 +126,5 @@ def plot_gain_by_level(curves: dict[str, dict], path: str, title: str = "") -> N
   fig.tight_layout()
   from replaid_jax.train import plots  # pylint: disable=g-import-not-at-top
   paths.makedirs(os.path.dirname(path) or ".")
-  plots._save(fig, path)  # pylint: disable=protected-access
+  plots.save_figure(fig, path)
   plt.close(fig)

@@ -79,8 +79,7 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   targets = sorted(set(eval_steps))
   step = 0
   while step < targets[-1]:
-    nxt = min(t for t in targets + list(diagnostics_at) if t > step) if any(
-        t > step for t in targets + list(diagnostics_at)) else targets[-1]
+    nxt = min(t for t in (*targets, *diagnostics_at) if t > step)  # targets[-1] > step bounds this
     n = min(nxt - step, chunk)
     batches = jnp.asarray(np.stack([next(it)["tokens"] for _ in range(n)]), jnp.int32)
     state, m = steps_fn(state, batches, base_key)

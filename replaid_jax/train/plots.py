@@ -8,7 +8,7 @@ from replaid_jax import paths
 from replaid_jax.diffusion import sampler
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
   """savefig to a local path or a bucket URI."""
   if paths.is_uri(path):
     with paths.open_file(path, "wb") as f:
@@ -39,7 +39,7 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
   ax.legend(fontsize=8, loc="upper left")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -77,7 +77,7 @@ def save_loss_curve(rows: list[dict], path: str) -> str:
   if train or val:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -131,6 +131,6 @@ def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
   return path
