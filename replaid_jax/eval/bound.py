@@ -67,8 +67,12 @@ def evaluate(bound_fn, params, tokens: np.ndarray, key: jax.Array, *, batch_size
   }
 
 
+def log_unigram(train_counts: np.ndarray) -> np.ndarray:
+  """Log-probabilities (float64) of the add-one smoothed unigram distribution of the training counts."""
+  counts = np.asarray(train_counts, np.float64) + 1.0
+  return np.log(counts / counts.sum())
+
+
 def unigram_cross_entropy(train_counts: np.ndarray, eval_tokens: np.ndarray) -> float:
   """Nats/token of eval_tokens under the unigram distribution of the training counts (add-one smoothed)."""
-  counts = np.asarray(train_counts, np.float64) + 1.0
-  logp = np.log(counts / counts.sum())
-  return float(-logp[np.asarray(eval_tokens).reshape(-1)].mean())
+  return float(-log_unigram(train_counts)[np.asarray(eval_tokens).reshape(-1)].mean())

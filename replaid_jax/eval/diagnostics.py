@@ -11,8 +11,7 @@ Bayes denoiser: each position's posterior under the unigram prior given its own
 z alone, logits = log p(v) + (alpha / sigma^2) z.e_v, which is what the network
 computes at initialisation (log-unigram output bias, zero head). A model "on
 the plateau" has the context-free loss in every bin; the bins where it is lower
-are where it uses context. Also: per-group gradient norms and the separation of
-the embedding rows.
+are where it uses context. Also: the separation of the embedding rows.
 """
 
 import functools
@@ -28,11 +27,6 @@ from replaid_jax import paths
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
-
-
-def group_norms(tree: dict) -> dict[str, jax.Array]:
-  """Global L2 norm of each top-level group of a parameter-shaped tree."""
-  return {k: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(v))) for k, v in tree.items()}
 
 
 def embedding_separation(params: dict, max_rows: int = 4096) -> dict[str, float]:
@@ -55,6 +49,11 @@ def _gamma_grid(g0: float, g1: float, bins: int, per_bin: int) -> tuple[np.ndarr
   return nodes, edges
 
 
+def context_free_logits(log_unigram, z_BLE, table_VE, alpha2_B, sigma2_B):
+  """log p(v) + (alpha / sigma^2) z.e_v: each position's token posterior given its own z alone (up to a constant)."""
+  return log_unigram + (jnp.sqrt(alpha2_B) / sigma2_B)[:, None, None] * jnp.einsum("ble,ve->blv", z_BLE, table_VE)
+
+
 @functools.partial(jax.jit, static_argnames=("model_cfg", "selfcond", "use_output_prior"))
 def _level_mse(params, tokens, log_unigram, g, key, *, model_cfg, selfcond, use_output_prior):
   """(model, context-free) mean ||e - x_hat||^2 at noise level g, one shared noise draw."""
@@ -69,8 +68,7 @@ def _level_mse(params, tokens, log_unigram, g, key, *, model_cfg, selfcond, use_
   x_hat = pred(jnp.zeros_like(z))
   if selfcond:
     x_hat = pred(x_hat)
-  coef = (jnp.sqrt(alpha2) / sigma2)[:, None, None]
-  free = jax.nn.softmax(log_unigram + coef * jnp.einsum("ble,ve->blv", z, table), axis=-1) @ table
+  free = jax.nn.softmax(context_free_logits(log_unigram, z, table, alpha2, sigma2), axis=-1) @ table
   mse = lambda xh: jnp.mean(jnp.sum(jnp.square(e - xh), -1))
   return mse(x_hat), mse(free)
 

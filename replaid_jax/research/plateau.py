@@ -10,7 +10,6 @@ per-noise-level diagnostic of `replaid_jax.eval.diagnostics`.
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -70,7 +69,7 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   bound_fn = bound_lib.make_bound_fn(run.objective, num_times=eval_times)
   val = corpus.val[:eval_rows]
   eval_key = jax.random.key(eval_seed)
-  log_unigram = np.log((corpus.unigram_counts + 1.0) / (corpus.unigram_counts + 1.0).sum())
+  log_unigram = bound_lib.log_unigram(corpus.unigram_counts)
   unigram = bound_lib.unigram_cross_entropy(corpus.unigram_counts, val)
   state = run.state
   points, acc, n_acc = [], {}, 0
@@ -121,8 +120,8 @@ def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *,
   import optax  # pylint: disable=g-import-not-at-top
   from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
   c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  bias = jnp.asarray(loop.output_bias(c, corpus)) if c.model.output_bias_init == "unigram" else None
-  log_unigram = jnp.asarray(np.log((corpus.unigram_counts + 1.0) / (corpus.unigram_counts + 1.0).sum()), jnp.float32)
+  bias = loop.output_bias(c, corpus)
+  log_unigram = jnp.asarray(bound_lib.log_unigram(corpus.unigram_counts), jnp.float32)
   params, _ = model_lib.init(jax.random.key(seed), c.model, gamma_0=c.diffusion.gamma_0,
                              gamma_1=c.diffusion.gamma_1, output_bias=bias)
   tx = optax.adam(c.optim.lr)
@@ -137,7 +136,7 @@ def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *,
     z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(key, e.shape)
     logits, x_hat = model_lib.predict(p, z, g, g, jnp.zeros_like(z), cfg=c.model, prior_scale=1.0)
     nll = lambda lg: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), tokens[..., None], -1))
-    free = log_unigram + (jnp.sqrt(alpha2) / sigma2)[:, None, None] * jnp.einsum("ble,ve->blv", z, table)
+    free = diagnostics.context_free_logits(log_unigram, z, table, alpha2, sigma2)
     mse = jnp.mean(jnp.sum(jnp.square(e - x_hat), -1))
     return (nll(logits) if loss == "ce" else mse), (nll(logits), nll(free))
 

@@ -84,8 +84,7 @@ def resolve_vocab(c: config_lib.Config, corpus: pipeline.Corpus) -> config_lib.C
 def output_bias(c: config_lib.Config, corpus: pipeline.Corpus) -> np.ndarray | None:
   if c.model.output_bias_init == "zeros":
     return None
-  counts = corpus.unigram_counts.astype(np.float64) + 1.0
-  return np.log(counts / counts.sum()).astype(np.float32)
+  return bound_lib.log_unigram(corpus.unigram_counts).astype(np.float32)
 
 
 def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
@@ -378,9 +377,8 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
 
 def _noise_level_diagnostics(c, corpus, ema, writer, workdir: str, step: int) -> str:
   """Logs where along the noise level the model beats the context-free denoiser, and the embedding separation."""
-  counts = corpus.unigram_counts + 1.0
   diag = diagnostics.denoiser_gain_by_level(
-      ema, corpus.val[:c.eval.diagnostic_sequences], np.log(counts / counts.sum()),
+      ema, corpus.val[:c.eval.diagnostic_sequences], bound_lib.log_unigram(corpus.unigram_counts),
       jax.random.key(c.seed + 17), model_cfg=c.model, bins=12, per_bin=2, use_output_prior=c.diffusion.output_prior)
   scalars = {"context_gain": diag["context_free_total"] - diag["model_total"],
              "context_free_diffusion": diag["context_free_total"], "model_diffusion": diag["model_total"],
