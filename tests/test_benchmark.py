@@ -1,9 +1,11 @@
 """The benchmark: chip peaks by device kind, the cost arithmetic, one real timed run, the launch scripts."""
 
 import glob
+import json
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -118,3 +120,41 @@ def test_launch_scripts_exist():
   for name in ("tpu/create.sh", "tpu/setup.sh", "tpu/run.sh", "tpu/delete.sh", "gpu/single_node.sh",
                "gpu/slurm.sbatch"):
     assert os.path.join("launch", name) in names
+
+
+def _launch(tmp_path, *args):
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_torch_times_both_sides_of_the_same_shape(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "cmp.json"
+  text = _launch(tmp_path, "launch/compare_torch.py", "--config=configs/tiny.py", "--rounds=2", "--steps=1",
+                 "--warmup=1", f"--json_out={out}")
+  r = json.loads(out.read_text())
+  assert len(r["rounds"]) == 2 and "replaid_jax / PyTorch" in text
+  for row in r["rounds"]:
+    assert row["torch_tokens_per_s"] > 0 and row["jax_tokens_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["jax_tokens_per_s"] / row["torch_tokens_per_s"])
+  assert r["ratio_median"] > 0 and r["matmul_flops_per_s"] > 0
+  # Like for like: the PyTorch model is the denoiser plus the embedding table and two schedule endpoints.
+  torch_params, den = r["params"]["torch"], r["params"]["replaid_jax_denoiser"]
+  assert torch_params == den + 512 * 16 + 2, (torch_params, den)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_run_writes_every_section(tmp_path):
+  out = tmp_path / "check.json"
+  _launch(tmp_path, "launch/gpu/check.py", "--config=configs/tiny.py", "--quick", f"--out={out}")
+  r = json.loads(out.read_text())
+  assert r["train_step"]["largest_batch"] == 8 and [x["batch_size"] for x in r["train_step"]["rows"]] == [4, 8]
+  assert all(x["tokens_per_s"] > 0 and 0 < x["mfu"] for x in r["train_step"]["rows"])
+  assert r["forward"]["batch_size"] == 8
+  agree = r["bf16_vs_fp32"]
+  assert len(agree["fp32"]) == len(agree["bf16"]) == 4 and agree["finite"] and agree["passed"]
+  assert agree["max_relative_difference"] <= agree["tolerance"]
+  assert agree["fp32"][0] == pytest.approx(agree["bf16"][0], rel=0.05)
+  assert r["sampler"]["step_over_forward"] > 0 and r["sampler"]["steps"] == 4
