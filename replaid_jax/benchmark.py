@@ -26,8 +26,8 @@ from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax.data import pipeline
-from replaid_jax.models import params as params_lib
 from replaid_jax.train import loop
+from replaid_jax.models import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +251,7 @@ def run(cd, *, config_name: str = "", steps: int = 10, warmup: int = 2, vocab_si
   devices = list(run_.mesh.devices.reshape(-1))
   local = [d for d in devices if d.process_index == jax.process_index()]
   batches = [loop.global_batch(run_, {"tokens": corpus.train[i * local_rows:(i + 1) * local_rows]}) for i in range(2)]
-  num_params = params_lib.count(run_.state.params)
+  num_params = model_lib.count(run_.state.params)
 
   fwd = flops_lib.config_forward_flops(c)
   t0 = time.perf_counter()

@@ -12,7 +12,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from replaid_jax import checkpoint as ckpt_lib
@@ -23,7 +22,6 @@ from replaid_jax import objectives
 from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import tokenizer as tokenizer_lib
-from replaid_jax.train import loop
 
 REQUIRED_ITEMS = ("ema_params", "metadata")
 
@@ -120,12 +118,9 @@ def build_model(c: config_lib.Config, devices=None, *, batch_size: int | None = 
     raise errors.ConfigError(
         f"{batch_key}={batch_size} is not a multiple of the {split} devices the batch is split over; "
         f"pass --config.{batch_key}={max(split, batch_size // split * split)}.")
-  bias = np.zeros((c.model.vocab_size,), np.float32) if c.model.output_bias_init == "unigram" else None
-  objective = objectives.make(c)
-  abstract = jax.eval_shape(lambda k: objective.init(k, None if bias is None else jnp.asarray(bias))[0],
-                            jax.random.key(0))
-  params_sh = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, bias), rules, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
+  net = objectives.make(c).abstract()
+  params_sh = sharding_lib.param_shardings(net.shapes, net.axes, rules, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), net.shapes, params_sh)
   return Model(c, mesh, abstract, params_sh, sharding_lib.batch_sharding(mesh, rules))
 
 

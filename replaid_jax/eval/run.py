@@ -52,7 +52,7 @@ from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
 from replaid_jax.eval import geometry as geometry_lib
-from replaid_jax.models import params as params_lib
+from replaid_jax.models import model as model_lib
 
 ANALYSES = ("bound", "curves", "geometry")
 _EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for every checkpoint of a run
@@ -290,7 +290,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
       "step": step, "workdir": paths.absolute(workdir), "checkpoint": paths.join(ckpt.directory, str(step)),
       "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
       "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
-      "model": {"num_params": params_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
+      "model": {"num_params": model_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
                 "num_layers": c.model.num_layers, "embed_dim": c.model.embed_dim},
       "checkpoint_metadata": {k: meta.get(k) for k in ("objective", "tokenizer", "data", "replaid_jax_version",
                                                        "jax_version", "num_params")},

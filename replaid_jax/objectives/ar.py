@@ -26,6 +26,9 @@ class AR(base.Objective):
   def init(self, key, output_bias):
     return token_model.init(key, self.c.model, output_bias, causal=True)
 
+  def abstract(self):
+    return token_model.abstract(token_model.config(self.c.model, causal=True))
+
   def logits(self, params, tokens_BL):
     bos = token_model.extra_id(self.c.model.vocab_size)
     cond = jnp.zeros((tokens_BL.shape[0],), jnp.float32)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from replaid_jax.diffusion import elbo
+from replaid_jax.models import model as model_lib
 
 
 @flax.struct.dataclass
@@ -70,6 +71,11 @@ class Objective:
   uses_selfcond_pass = False  # training runs an extra no-gradient forward on some rows
 
   def init(self, key: jax.Array, output_bias: jax.Array | None) -> tuple[dict, dict]:
+    """(parameters, their logical axes): the network's module built with values."""
+    raise NotImplementedError
+
+  def abstract(self) -> model_lib.Abstract:
+    """The network without values (graph, shapes, logical axes), traced once per process and configuration."""
     raise NotImplementedError
 
   def frozen_groups(self) -> tuple[str, ...]:

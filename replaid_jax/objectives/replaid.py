@@ -46,6 +46,9 @@ class RePlaid(base.Objective):
     d = self.c.diffusion
     return model_lib.init(key, self.c.model, gamma_0=d.gamma_0, gamma_1=d.gamma_1, output_bias=output_bias)
 
+  def abstract(self):
+    return model_lib.abstract(self.c.model)
+
   def frozen_groups(self):
     d = self.c.diffusion
     frozen = []

@@ -47,10 +47,10 @@ from replaid_jax.data import pipeline
 from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import diagnostics
-from replaid_jax.models import params as params_lib
 from replaid_jax.train import optim
 from replaid_jax.train import plots
 from replaid_jax.train import step as step_lib
+from replaid_jax.models import model as model_lib
 
 
 @dataclasses.dataclass
@@ -106,32 +106,18 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
     params, _ = objective.init(key, None if bias is None else jnp.asarray(bias))
     return step_lib.init_state(params, tx)
 
-  abstract_state = jax.eval_shape(make_state, jax.random.key(c.seed))
-  axes = init_params_axes(c, bias)
-  params_sh = sharding_lib.param_shardings(abstract_state.params, axes, rules, mesh)
+  net = objective.abstract()  # the model's init, traced once per process: shapes and logical axes
+  params_sh = sharding_lib.param_shardings(net.shapes, net.axes, rules, mesh)
   repl = sharding_lib.replicated(mesh)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), net.shapes)
   opt_sh = _opt_state_shardings(abstract_state.opt_state, params_sh, repl)
   state_sh = step_lib.TrainState(
       step=repl, params=params_sh, ema_params=params_sh, opt_state=opt_sh,
       loss_stats=jax.tree.map(lambda _: repl, abstract_state.loss_stats),
   )
   state = jax.jit(make_state, out_shardings=state_sh)(jax.random.key(c.seed))
-  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, axes,
+  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, net.axes,
              objective)
-
-
-def init_params_axes(c: config_lib.Config, bias) -> Any:
-  """The logical-axes tree (static) of the model's parameters."""
-  holder = {}
-  objective = objectives.make(c)
-
-  def f(key):
-    values, axes = objective.init(key, None if bias is None else jnp.asarray(bias))
-    holder["axes"] = axes
-    return values
-
-  jax.eval_shape(f, jax.random.key(0))
-  return holder["axes"]
 
 
 def _opt_state_shardings(abstract_opt_state, params_sh, repl):
@@ -180,7 +166,7 @@ def metadata(run: Run, config_dict: dict) -> dict:
       "data": run.corpus.info,
       "replaid_jax_version": replaid_jax.__version__,
       "jax_version": jax.__version__,
-      "num_params": params_lib.count(run.state.params),
+      "num_params": model_lib.count(run.state.params),
   }
 
 
@@ -340,8 +326,8 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
   logging.info("data: %s", json.dumps(corpus.info))
   c = resolve_vocab(c, corpus)
   run = build(c, corpus)
-  logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{params_lib.count(run.state.params):,}",
-               f"{params_lib.count(run.state.params['denoiser']):,}",
+  logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{model_lib.count(run.state.params):,}",
+               f"{model_lib.count(run.state.params['denoiser']):,}",
                metrics_lib.parameter_table(run.state.params))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
@@ -559,7 +545,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   final = validate(step, final=True)
   final.update({
       "step": step, "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60,
-      "split": "validation", "data": corpus.info, "num_params": params_lib.count(state.params),
+      "split": "validation", "data": corpus.info, "num_params": model_lib.count(state.params),
       "forward_flops_per_sequence": fwd, "train_flops_per_step": analytic,
       "train_flops_per_step_no_selfcond": analytic_no_sc, "train_flops": analytic * step,
   })
