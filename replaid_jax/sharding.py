@@ -76,6 +76,23 @@ def param_shardings(values: PyTree, axes: PyTree, rules, mesh: Mesh) -> PyTree:
       isinstance(a, (str, type(None))) for a in x))
 
 
+def derived_shardings(fn, abstract_params: PyTree, params_sh: PyTree, mesh: Mesh) -> PyTree:
+  """Shardings of `fn(params)`'s outputs (e.g. the optimizer state), from the parameters' shardings.
+
+  `fn` is traced abstractly with the parameter shardings as part of the array
+  types (an Explicit-axes copy of `mesh`), so every output that JAX derives from
+  a parameter (Adam's moments, an EMA copy) carries that parameter's sharding;
+  outputs made from nothing (step counters) are replicated.
+  """
+  explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names))
+  typed = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(explicit, sh.spec)),
+                       abstract_params, params_sh)
+  with jax.set_mesh(explicit):
+    out = jax.eval_shape(fn, typed)
+  return jax.tree.map(lambda o: NamedSharding(mesh, o.sharding.spec if o.sharding is not None else PartitionSpec()),
+                      out)
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
   spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)
   return NamedSharding(mesh, spec)

@@ -108,36 +108,11 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
 
   net = objective.abstract()  # the model's init, traced once per process: shapes and logical axes
   params_sh = sharding_lib.param_shardings(net.shapes, net.axes, rules, mesh)
-  repl = sharding_lib.replicated(mesh)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), net.shapes)
-  opt_sh = _opt_state_shardings(abstract_state.opt_state, params_sh, repl)
-  state_sh = step_lib.TrainState(
-      step=repl, params=params_sh, ema_params=params_sh, opt_state=opt_sh,
-      loss_stats=jax.tree.map(lambda _: repl, abstract_state.loss_stats),
-  )
+  # Adam's moments and the EMA take their parameter's sharding, counters and loss statistics are replicated.
+  state_sh = sharding_lib.derived_shardings(lambda p: step_lib.init_state(p, tx), net.shapes, params_sh, mesh)
   state = jax.jit(make_state, out_shardings=state_sh)(jax.random.key(c.seed))
   return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, net.axes,
              objective)
-
-
-def _opt_state_shardings(abstract_opt_state, params_sh, repl):
-  """Optimizer leaves that mirror a parameter (Adam moments) take its sharding; others are replicated.
-
-  A leaf mirrors a parameter when the parameter's key path ends the leaf's key
-  path and the shapes agree.
-  """
-  path_str = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
-
-  def pick(path, leaf):
-    key = path_str(path)
-    for param_path, sh in by_path.items():
-      if key.endswith("/" + param_path) and len(leaf.shape) == len(sh.spec) or (
-          key.endswith("/" + param_path) and not sh.spec):
-        return sh
-    return repl
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def compile_step(run: Run):
