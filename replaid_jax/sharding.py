@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from replaid_jax import errors
@@ -20,10 +19,10 @@ PyTree = Any
 
 
 def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | None = None) -> Mesh:
-  """A mesh over all (or the given) devices; one -1 in `shape` takes what is left.
+  """A mesh over all (or the given) devices, laid out by `jax.make_mesh` along the accelerators' topology.
 
-  A shape without -1 that asks for fewer devices than there are uses the first
-  ones (single-process runs only).
+  One -1 in `shape` takes what is left. A shape without -1 that asks for fewer
+  devices than there are uses the first ones (single-process runs only).
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
@@ -40,8 +39,8 @@ def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | Non
     devices, n = devices[:need], need  # a fully specified smaller mesh uses the first devices
   if need != n:
     raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {need} devices; {n} are available.")
-  grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(grid, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                       devices=devices)
 
 
 def logical_to_spec(axes: tuple[str | None, ...], rules: tuple[tuple[str, Any], ...], mesh: Mesh) -> PartitionSpec:
