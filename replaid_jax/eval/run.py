@@ -280,7 +280,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   label = f"{datasets.display_name(evalset.name, evalset.split)} step {step}"
   key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
   put = functools.partial(jax.device_put, device=model.batch_sharding)
-  if c.objective != "replaid" and set(analyses) - {"bound"}:
+  if not objectives.REGISTRY[c.objective].learned_embeddings and set(analyses) - {"bound"}:
     raise errors.ConfigError(f"--curves and --geometry analyse RePlaid's embeddings and noise schedule; this checkpoint "
                              f"was trained with objective={c.objective!r}. Evaluate its bound only.")
   bounds = (jax.tree.map(float, jax.device_get(params["bounds"])) if "bounds" in params
@@ -388,9 +388,9 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
          "tokens_per_s": res["num_tokens"] / seconds, "sequences_per_s": res["num_sequences"] / seconds,
          "analytic_flops_per_token": passes * fwd_flops / seq_len,
          "flops_per_s": passes * fwd_flops * res["num_sequences"] / seconds, "ideal_ratio_to_forward": passes}
-  if c.objective == "replaid":
+  if objective.self_conditions:
     thr["ideal_ratio_to_selfcond_forward"] = k + 1
-  if timing and c.objective != "replaid":
+  if timing and not objective.self_conditions:
     batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
     fn = session.fn(fkey[:1] + ("forward", b, seq_len), lambda: jax.jit(objective.forward))
     thr["forward_seconds_per_batch"] = _seconds_per_call(fn, params, batch)

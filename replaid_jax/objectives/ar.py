@@ -21,6 +21,7 @@ def shift_right(tokens_BL: jax.Array, bos: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class AR(base.Objective):
   name = "ar"
+  autoregressive = True
   token_input = True
 
   def init(self, key, output_bias):

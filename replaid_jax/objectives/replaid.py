@@ -37,10 +37,8 @@ def recon_rows(stats, cfg: elbo.DiffusionConfig, batch: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class RePlaid(base.Objective):
   name = "replaid"
-
-  @property
-  def uses_selfcond_pass(self) -> bool:
-    return self.c.diffusion.selfcond_fraction > 0
+  learned_embeddings = True
+  self_conditions = True
 
   def init(self, key, output_bias):
     d = self.c.diffusion

@@ -93,8 +93,9 @@ class ProgressBar:
 
 
 def _settings_record(s, seq_len: int, objective: str = "replaid") -> dict:
-  if objective != "replaid":  # the baselines' own ancestral samplers; AR takes one step per token
-    return {"seq_len": seq_len, "sampler": f"{objective} ancestral", "steps": seq_len if objective == "ar" else s.steps,
+  kind = objectives.REGISTRY[objective]
+  if not kind.learned_embeddings:  # the baselines' own ancestral samplers; AR takes one step per token
+    return {"seq_len": seq_len, "sampler": f"{objective} ancestral", "steps": seq_len if kind.autoregressive else s.steps,
             "time_grid": "uniform", "score_temp": 1.0, "condition": "clamp",
             **{k: getattr(s, k) for k in ("prefix", "prefix_file", "suffix", "suffix_file", "gap")}}
   keys = ("sampler", "steps", "time_grid", "score_temp", "selfcond", "condition", "guidance_weight", "prefix",
@@ -128,7 +129,7 @@ def baseline_known(layout: prompts.Layout, objective: str, s) -> tuple[np.ndarra
   if s.constraints or s.avoid:
     raise errors.ConfigError(f"sample.constraints and sample.avoid use RePlaid's gradient guidance; this checkpoint's "
                              f"objective is {objective!r}. Clear them.")
-  if objective == "ar" and layout.suffix_start >= 0:
+  if objectives.REGISTRY[objective].autoregressive and layout.suffix_start >= 0:
     raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an mdlm, "
                              "duo or replaid checkpoint for infilling).")
   mask = np.zeros((layout.seq_len,), bool)
@@ -201,7 +202,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   num_batches = math.ceil(s.num_samples / batch)
   bar = ProgressBar(num_batches, enabled=s.progress and jax.process_index() == 0)
   key = jax.random.key(s.seed)
-  if c.objective == "replaid":
+  if objectives.REGISTRY[c.objective].learned_embeddings:
     cond = jax.tree.map(put, layout.batch(batch))
     denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
     table = jax.jit(embedding.normalized)(params["embedding"])

@@ -369,7 +369,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   t0 = time.time()
   compiled = step_fn.lower(state, first_batch, base_key).compile()
   compile_s = time.time() - t0
-  fwd = flops_lib.config_forward_flops(c)
+  fwd = flops_lib.config_forward_flops(c, token_input=run.objective.token_input)
   fwd_xla = flops_lib.xla_forward_flops(run.objective, run.state.params, c.data.seq_len)
   analytic, analytic_no_sc = flops_lib.train_flops_per_step(
       fwd, batch=c.train.batch_size,
@@ -456,7 +456,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
                  prefix="val/")
     if jax.process_index() == 0:
       pngs = {}
-      if c.objective == "replaid":
+      if run.objective.learned_embeddings:
         ema = jax.device_get(state.ema_params)
         pngs["plots/gamma"] = plots.save_schedule_plot(
             ema, c.diffusion.schedule, paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
