@@ -16,6 +16,7 @@ from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import time_sampling
 from replaid_jax.models import denoiser as denoiser_lib
 from replaid_jax.models import model as model_lib
+from replaid_jax.models import model_config
 from replaid_jax.models import noise_schedule
 from replaid_jax import objectives
 from replaid_jax.diffusion import sampler
@@ -125,7 +126,7 @@ class EvalConfig:
   curve_points: int
   curve_max_sequences: int
   geometry_top_tokens: int
-  diagnostic_sequences: int = 64
+  diagnostic_sequences: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,10 +227,10 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(f"optim.ema_decay={c.optim.ema_decay} must lie in [0, 1) (0 disables the EMA).")
   _choice("objective", c.objective, OBJECTIVES)
   m, d, t = c.model, c.diffusion, c.train
-  _choice("model.cond_input", m.cond_input, model_lib.COND_INPUTS)
-  _choice("model.output_bias_init", m.output_bias_init, model_lib.OUTPUT_BIAS_INITS)
-  _choice("model.compute_dtype", m.compute_dtype, model_lib.COMPUTE_DTYPES)
-  _choice("model.block", m.block, model_lib.BLOCKS)
+  _choice("model.cond_input", m.cond_input, model_config.COND_INPUTS)
+  _choice("model.output_bias_init", m.output_bias_init, model_config.OUTPUT_BIAS_INITS)
+  _choice("model.compute_dtype", m.compute_dtype, model_config.COMPUTE_DTYPES)
+  _choice("model.block", m.block, model_config.BLOCKS)
   _choice("model.remat_policy", m.remat_policy, tuple(denoiser_lib.REMAT_POLICIES))
   _choice("diffusion.mdlm_train_loss", d.mdlm_train_loss, mdlm.TRAIN_LOSSES)
   if d.aux_ce_weight < 0:

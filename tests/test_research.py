@@ -81,7 +81,7 @@ def test_diagnostic_integral_matches_a_fine_quadrature_of_the_context_free_loss(
 
 
 def _denoiser_params(cfg):
-  return nnx.to_pure_dict(nnx.state(denoiser.Denoiser(cfg.denoiser(), key=jax.random.key(0))))
+  return nnx.to_pure_dict(nnx.state(denoiser.Denoiser(cfg, key=jax.random.key(0))))
 
 
 def test_head_and_gate_init_switches(tiny_model):

@@ -7,8 +7,8 @@
   out = W_out(modulate(LN(h), c)) + b_out                    (W_out zero-initialised)
 
 Token-input models (the AR and masked-diffusion baselines) replace the first
-line and W_in, W_sc by a table lookup h_0 = T[x] (`init(..., token_vocab=V')`,
-`apply_tokens`); everything after h_0 is shared.
+line and W_in, W_sc by a table lookup h_0 = T[x] (`Denoiser(..., token_vocab=V')`,
+`Denoiser.tokens`); everything after h_0 is shared.
 
 `block = "plaid"` restores the original Plaid block for ablations: RMSNorm,
 MLP without biases, residual branches scaled by 1/sqrt(num_layers) instead of
@@ -19,11 +19,11 @@ The blocks' parameters are stacked on a leading "layers" axis and run with
 `nnx.scan` (under `nnx.remat` when `remat` is set), so compile time does not
 grow with depth (`unroll` traces them one by one, for FLOP counting).
 
-The modules hold parameters and forward maths only; `apply`/`apply_tokens` run
-them on a parameter pytree (what the ELBO differentiates) through `nnx.merge`.
+The modules hold parameters and forward maths only; `model.predict` and
+`token_model.logits` run them on a parameter pytree (what the ELBO
+differentiates) through `nnx.merge` (`model.bind`).
 """
 
-import dataclasses
 import math
 
 from flax import nnx
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from replaid_jax.models import layers
+from replaid_jax.models import model_config
 from replaid_jax.models import partitioning
 
 REMAT_POLICIES = {
@@ -40,36 +41,10 @@ REMAT_POLICIES = {
 }
 ACT = ("batch", None, "act_embed")  # [B, L, D] residual stream
 
-@dataclasses.dataclass(frozen=True)
-class DenoiserConfig:
-  vocab_size: int
-  embed_dim: int
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_ratio: int
-  cond_dim: int
-  cond_freqs: int
-  max_seq_len: int
-  rope_base: float
-  compute_dtype: str
-  causal: bool
-  remat: bool
-  block: str = "dit"
-  remat_policy: str = "full"
-  head_init_scale: float = 0.0
-  gate_init: float = 0.0
-  input_posterior: bool = False
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
-
-
 class DitBlocks(nnx.Module):
   """`num_layers` DiT blocks (adaLN-Zero, RoPE, weight-only LN, GELU-tanh MLP with biases), stacked on "layers"."""
 
-  def __init__(self, cfg: DenoiserConfig, keys):
+  def __init__(self, cfg: model_config.ModelConfig, keys):
     d, c, n = cfg.width, cfg.cond_dim, cfg.num_layers
     h, k, f = cfg.num_heads, cfg.head_dim, cfg.mlp_ratio * cfg.width
     self.cfg = cfg
@@ -105,7 +80,7 @@ class DitBlocks(nnx.Module):
 class PlaidBlocks(nnx.Module):
   """The original Plaid blocks: RMSNorm, MLP without biases, residual branches scaled by 1/sqrt(num_layers)."""
 
-  def __init__(self, cfg: DenoiserConfig, keys):
+  def __init__(self, cfg: model_config.ModelConfig, keys):
     d, n, h, k, f = cfg.width, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio * cfg.width
     self.cfg = cfg
     self.rms1 = layers.ones((n, d), ("layers", None))
@@ -154,7 +129,7 @@ def run_stack(blocks: DitBlocks | PlaidBlocks, x_BLD: jax.Array, c_BC: jax.Array
 class Denoiser(nnx.Module):
   """Input layer, conditioning MLP, blocks and output head; the parameter names are the checkpoint's."""
 
-  def __init__(self, cfg: DenoiserConfig, *, key: jax.Array, output_bias: jax.Array | None = None,
+  def __init__(self, cfg: model_config.ModelConfig, *, key: jax.Array, output_bias: jax.Array | None = None,
                token_vocab: int | None = None):
     """`token_vocab` builds a token-input model with that many input ids."""
     keys = iter(jax.random.split(key, 8))

@@ -22,43 +22,10 @@ import jax.numpy as jnp
 
 from replaid_jax.models import denoiser
 from replaid_jax.models import embedding
+from replaid_jax.models import model_config
 from replaid_jax.models import noise_schedule
 
-COND_INPUTS = ("gamma", "t")
-OUTPUT_BIAS_INITS = ("zeros", "unigram")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-BLOCKS = ("dit", "plaid")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The `model` config section."""
-
-  vocab_size: int | None
-  embed_dim: int
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_ratio: int
-  cond_dim: int
-  cond_freqs: int
-  cond_input: str
-  max_seq_len: int
-  rope_base: float
-  compute_dtype: str
-  causal: bool
-  output_bias_init: str
-  schedule_hidden: int
-  remat: bool
-  block: str = "dit"
-  remat_policy: str = "full"
-  head_init_scale: float = 0.0
-  gate_init: float = 0.0
-  input_posterior: bool = False
-
-  def denoiser(self) -> denoiser.DenoiserConfig:
-    names = {f.name for f in dataclasses.fields(denoiser.DenoiserConfig)}
-    return denoiser.DenoiserConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+ModelConfig = model_config.ModelConfig
 
 
 class Model(nnx.Module):
@@ -69,7 +36,7 @@ class Model(nnx.Module):
     self.embedding = embedding.Embedding(cfg.vocab_size, cfg.embed_dim, key=k_emb)
     self.schedule = noise_schedule.NoiseSchedule(cfg.schedule_hidden, key=k_sched)
     self.bounds = noise_schedule.Bounds(gamma_0, gamma_1)
-    self.denoiser = denoiser.Denoiser(cfg.denoiser(), key=k_den, output_bias=output_bias)
+    self.denoiser = denoiser.Denoiser(cfg, key=k_den, output_bias=output_bias)
 
 
 @dataclasses.dataclass(frozen=True)

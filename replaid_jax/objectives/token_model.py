@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from replaid_jax.models import denoiser
 from replaid_jax.models import model as model_lib
+from replaid_jax.models import model_config
 
 
 def extra_id(vocab_size: int) -> int:
@@ -23,7 +24,7 @@ def extra_id(vocab_size: int) -> int:
 class TokenNetwork(nnx.Module):
   """The denoiser with a V + 1-row input table."""
 
-  def __init__(self, cfg: denoiser.DenoiserConfig, *, key: jax.Array, output_bias: jax.Array | None = None):
+  def __init__(self, cfg: model_config.ModelConfig, *, key: jax.Array, output_bias: jax.Array | None = None):
     self.denoiser = denoiser.Denoiser(cfg, key=key, output_bias=output_bias, token_vocab=cfg.vocab_size + 1)
 
 
@@ -34,13 +35,13 @@ def init(key: jax.Array, model_cfg, output_bias: jax.Array | None, *, causal: bo
 
 
 @functools.cache
-def abstract(cfg: denoiser.DenoiserConfig) -> model_lib.Abstract:
+def abstract(cfg: model_config.ModelConfig) -> model_lib.Abstract:
   """The token network of `cfg`, traced once per process."""
   return model_lib.abstract_of(lambda: TokenNetwork(cfg, key=jax.random.key(0)))
 
 
-def config(model_cfg, *, causal: bool) -> denoiser.DenoiserConfig:
-  return dataclasses.replace(model_cfg.denoiser(), causal=causal)
+def config(model_cfg: model_config.ModelConfig, *, causal: bool) -> model_config.ModelConfig:
+  return dataclasses.replace(model_cfg, causal=causal)
 
 
 def logits(params: dict, inputs_BL: jax.Array, cond_B: jax.Array, model_cfg, *, causal: bool,
