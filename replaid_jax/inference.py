@@ -12,8 +12,10 @@ from typing import Any
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 
+from replaid_jax import base_config
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
@@ -86,6 +88,56 @@ def intact_hint(ckpt: ckpt_lib.Checkpointer, bad_step: int, model: "Model | None
     note = "" if status == ckpt_lib.OK else " (it has no checksum manifest to verify)"
     return f"The newest intact step is {s}{note}: pass --step={s}."
   return "No other step is intact; restore the files or train again."
+
+
+def saved_config(saved: Any, vocab_size: int | None, *, section: str, section_values: dict | None = None,
+                 overrides: dict[str, Any] | None = None) -> tuple[config_lib.Config, list[str]]:
+  """The config a checkpoint was trained with, for reading it: `saved` on top of replaid_jax/base_config.py.
+
+  `section` is the one section the reader sets: `section_values` replace its
+  values (saved or default) and then `overrides` (keys of that section) apply.
+  model.vocab_size is the one the metadata records. Returns (config, what the
+  base config filled in: a whole section's name, or section.key).
+  """
+  if not isinstance(saved, dict):
+    raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
+  merged = base_config.get_base_config().to_dict()
+  filled = []
+  for name, default in merged.items():
+    if name not in saved:
+      filled.append(name)
+    elif isinstance(default, dict) and isinstance(saved[name], dict):
+      filled += [f"{name}.{k}" for k in default if k not in saved[name]]
+  unknown = []
+  for name, values in saved.items():
+    if name not in merged:
+      unknown.append(name)
+    elif isinstance(merged[name], dict):
+      if not isinstance(values, dict):
+        unknown.append(name)
+        continue
+      unknown += [f"{name}.{k}" for k in values if k not in merged[name]]
+      merged[name].update({k: v for k, v in values.items() if k in merged[name]})
+    else:
+      merged[name] = values
+  if unknown:
+    raise errors.CheckpointError(
+        f"the checkpoint's saved config has keys this code does not know ({', '.join(sorted(unknown))}); "
+        "read it with the code version that wrote it.")
+  if section_values is not None:
+    merged[section] = dict(section_values)
+  for key, value in (overrides or {}).items():
+    if key not in merged[section]:
+      raise errors.ConfigError(f"unknown config key {section}.{key}; the keys of the {section} section are described "
+                               "in replaid_jax/base_config.py.")
+    merged[section][key] = value
+  saved_vocab = merged["model"].get("vocab_size")
+  if vocab_size is not None:
+    if saved_vocab is not None and saved_vocab != vocab_size:
+      raise errors.CheckpointError(f"the saved config has model.vocab_size={saved_vocab} but the checkpoint "
+                                   f"metadata records vocab_size={vocab_size}; the metadata is inconsistent.")
+    merged["model"]["vocab_size"] = vocab_size
+  return config_lib.from_config_dict(ml_collections.ConfigDict(merged)), filled
 
 
 @dataclasses.dataclass

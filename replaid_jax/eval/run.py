@@ -61,32 +61,6 @@ _EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for
 # ---- config.
 
 
-def _merge_onto_base(saved: dict) -> tuple[dict, list[str]]:
-  """The saved config on top of replaid_jax/base_config.py; returns (merged dict, keys filled from the defaults)."""
-  merged = base_config.get_base_config().to_dict()
-  unknown, filled = [], []
-  for section, values in saved.items():
-    if section not in merged:
-      unknown.append(section)
-    elif isinstance(merged[section], dict):
-      if not isinstance(values, dict):
-        unknown.append(section)
-        continue
-      unknown += [f"{section}.{k}" for k in values if k not in merged[section]]
-      merged[section].update({k: v for k, v in values.items() if k in merged[section]})
-    else:
-      merged[section] = values
-  if unknown:
-    raise errors.CheckpointError(
-        f"the checkpoint's saved config has keys this code does not know ({', '.join(sorted(unknown))}); "
-        "evaluate it with the code version that wrote it.")
-  for section in ("model", "diffusion", "data", "mesh"):  # the sections an evaluation depends on
-    values = merged[section]
-    if isinstance(values, dict):
-      filled += [f"{section}.{k}" for k in values if k not in saved.get(section, {})]
-  return merged, filled
-
-
 def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
   """The eval section of an evaluation: base defaults, the run's batch size, then the overrides."""
   ev = ml_collections.ConfigDict(base_config.get_base_config().eval.to_dict())
@@ -111,21 +85,16 @@ def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
 def checkpoint_config(meta: dict, overrides: dict[str, Any] | None = None) -> config_lib.Config:
   """The Config a checkpoint was trained with (model.vocab_size resolved), with the eval section of `eval_section`."""
   saved = meta.get("config")
-  if not isinstance(saved, dict):
-    raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
-  merged, filled = _merge_onto_base(saved)
-  if filled:
-    logging.warning("the saved config lacks %s; using the defaults of replaid_jax/base_config.py", ", ".join(filled))
-  merged["eval"] = eval_section(saved.get("eval", {}), overrides or {})
-  c = config_lib.from_config_dict(ml_collections.ConfigDict(merged))
   vocab = meta.get("vocab_size")
-  if not isinstance(vocab, int):
+  if isinstance(saved, dict) and not isinstance(vocab, int):
     raise errors.CheckpointError("the checkpoint metadata records no vocab_size; it was not written by "
                                  "launch/train.py.")
-  if c.model.vocab_size is not None and c.model.vocab_size != vocab:
-    raise errors.CheckpointError(f"the saved config has model.vocab_size={c.model.vocab_size} but the checkpoint "
-                                 f"metadata records vocab_size={vocab}; the metadata is inconsistent.")
-  c = dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=vocab))
+  saved_eval = saved.get("eval", {}) if isinstance(saved, dict) else {}
+  c, filled = inference.saved_config(saved, vocab, section="eval",
+                                     section_values=eval_section(saved_eval, overrides or {}))
+  filled = [k for k in filled if k.split(".")[0] in ("model", "diffusion", "data", "mesh")]  # what evaluation reads
+  if filled:
+    logging.warning("the saved config lacks %s; using the defaults of replaid_jax/base_config.py", ", ".join(filled))
   for key, value in (("eval.final_num_times", c.eval.final_num_times), ("eval.curve_points", c.eval.curve_points),
                      ("eval.curve_max_sequences", c.eval.curve_max_sequences)):
     if value < (2 if key == "eval.curve_points" else 1):

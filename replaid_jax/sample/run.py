@@ -25,10 +25,8 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from replaid_jax import base_config
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import sharding as sharding_lib
@@ -49,24 +47,7 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
 
   Returns (config, the keys filled from the base config).
   """
-  base = base_config.get_base_config().to_dict()
-  merged, filled = dict(saved), []
-  for key, default in base.items():
-    if key not in saved:
-      merged[key] = default
-      filled.append(key)
-    elif isinstance(default, dict) and isinstance(saved[key], dict):
-      missing = [k for k in default if k not in saved[key]]
-      merged[key] = {**{k: default[k] for k in missing}, **saved[key]}
-      filled += [f"{key}.{k}" for k in missing]
-  for key, value in (overrides or {}).items():
-    if key not in merged["sample"]:
-      raise errors.ConfigError(f"unknown key sample.{key}; the keys of the sample section are described in "
-                               "replaid_jax/base_config.py.")
-    merged["sample"] = {**merged["sample"], key: value}
-  if merged["model"].get("vocab_size") is None and vocab_size is not None:
-    merged["model"] = {**merged["model"], "vocab_size": vocab_size}
-  return config_lib.from_config_dict(ml_collections.ConfigDict(merged)), filled
+  return inference.saved_config(saved, vocab_size, section="sample", overrides=overrides)
 
 
 class ProgressBar:
