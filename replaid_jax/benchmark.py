@@ -23,11 +23,12 @@ import numpy as np
 
 import replaid_jax
 from replaid_jax import config_lib
+from replaid_jax import objectives
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax.data import pipeline
-from replaid_jax.models import params as params_lib
 from replaid_jax.train import loop
+from replaid_jax.models import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +252,9 @@ def run(cd, *, config_name: str = "", steps: int = 10, warmup: int = 2, vocab_si
   devices = list(run_.mesh.devices.reshape(-1))
   local = [d for d in devices if d.process_index == jax.process_index()]
   batches = [loop.global_batch(run_, {"tokens": corpus.train[i * local_rows:(i + 1) * local_rows]}) for i in range(2)]
-  num_params = params_lib.count(run_.state.params)
+  num_params = model_lib.count(run_.state.params)
 
-  fwd = flops_lib.config_forward_flops(c)
+  fwd = flops_lib.config_forward_flops(c, token_input=run_.objective.token_input)
   t0 = time.perf_counter()
   fwd_xla = flops_lib.xla_forward_flops(run_.objective, run_.state.params, seq_len) if xla_flops else None
   xla_seconds = time.perf_counter() - t0
@@ -413,7 +414,7 @@ def config_dict_forward_flops(cd, vocab_size: int | None = None) -> float:
   return flops_lib.forward_flops_per_sequence(
       seq_len=cd.data.seq_len, width=cd.model.width, num_layers=cd.model.num_layers,
       vocab_size=synthetic_vocab(cd, vocab_size), embed_dim=cd.model.embed_dim, mlp_ratio=cd.model.mlp_ratio,
-      output_prior=bool(cd.diffusion.output_prior), token_input=cd.objective != "replaid")
+      output_prior=bool(cd.diffusion.output_prior), token_input=objectives.REGISTRY[cd.objective].token_input)
 
 
 def workload(cd, name: str, *, budget: float | None = None, vocab_size: int | None = None) -> Workload:
@@ -421,7 +422,7 @@ def workload(cd, name: str, *, budget: float | None = None, vocab_size: int | No
   fwd = config_dict_forward_flops(cd, vocab_size)
   b = int(cd.train.batch_size)
   steps = flops_lib.steps_for_budget(budget, fwd, b) if budget else int(cd.train.num_steps)
-  sc = float(cd.diffusion.selfcond_fraction) if cd.objective == "replaid" else 0.0
+  sc = float(cd.diffusion.selfcond_fraction) if objectives.REGISTRY[cd.objective].self_conditions else 0.0
   return Workload(name, fwd, b, steps, sc, budget, int(cd.data.seq_len))
 
 

@@ -16,10 +16,67 @@ from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import time_sampling
 from replaid_jax.models import denoiser as denoiser_lib
 from replaid_jax.models import model as model_lib
+from replaid_jax.models import model_config
 from replaid_jax.models import noise_schedule
-from replaid_jax.sample import settings as sample_settings
+from replaid_jax import objectives
+from replaid_jax.diffusion import sampler
+from replaid_jax.objectives import mdlm
 
-OBJECTIVES = ("replaid", "ar", "mdlm", "duo")  # replaid_jax.objectives.REGISTRY
+OBJECTIVES = tuple(objectives.REGISTRY)
+
+
+CONDITIONING_MODES = ("guidance", "clamp", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """The `sample` config section (every key is described in replaid_jax/base_config.py)."""
+
+  num_samples: int
+  batch_size: int
+  seq_len: int
+  steps: int
+  sampler: str
+  time_grid: str
+  score_temp: float
+  selfcond: bool
+  seed: int
+  prefix: str
+  prefix_file: str
+  suffix: str
+  suffix_file: str
+  gap: int
+  constraints: str
+  avoid: str
+  condition: str
+  guidance_weight: float
+  tokenizer_path: str
+  judge: str
+  judge_batch_size: int
+  print_samples: int
+  progress: bool
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.ConfigError(message)
+
+
+def validate_sample(s: SampleConfig) -> None:
+  """Checks of the section on its own (the sequence length against the model is checked when sampling)."""
+  _require(s.sampler in sampler.METHODS, f"sample.sampler={s.sampler!r} is not one of {sampler.METHODS}.")
+  _require(s.time_grid in sampler.TIME_GRIDS, f"sample.time_grid={s.time_grid!r} is not one of {sampler.TIME_GRIDS}.")
+  _require(s.condition in CONDITIONING_MODES,
+           f"sample.condition={s.condition!r} is not one of {CONDITIONING_MODES}.")
+  for key in ("num_samples", "batch_size", "steps", "judge_batch_size"):
+    _require(getattr(s, key) > 0, f"sample.{key} must be positive, got {getattr(s, key)}.")
+  _require(s.score_temp > 0, f"sample.score_temp must be positive, got {s.score_temp} (1.0 is no temperature).")
+  _require(s.seq_len >= 0, f"sample.seq_len must be 0 (the training length) or positive, got {s.seq_len}.")
+  _require(s.gap >= 0, f"sample.gap must be 0 (suffix at the end) or positive, got {s.gap}.")
+  _require(s.guidance_weight >= 0, f"sample.guidance_weight must be 0 or positive, got {s.guidance_weight}.")
+  _require(s.seed >= 0, f"sample.seed must be 0 or positive, got {s.seed}.")
+  _require(not (s.prefix and s.prefix_file), "set sample.prefix or sample.prefix_file, not both.")
+  _require(not (s.suffix and s.suffix_file), "set sample.suffix or sample.suffix_file, not both.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +126,7 @@ class EvalConfig:
   curve_points: int
   curve_max_sequences: int
   geometry_top_tokens: int
-  diagnostic_sequences: int = 64
+  diagnostic_sequences: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +155,7 @@ class Config:
   eval: EvalConfig
   checkpoint: CheckpointConfig
   mesh: MeshConfig
-  sample: sample_settings.SampleConfig
+  sample: SampleConfig
 
 
 def _freeze(value: Any) -> Any:
@@ -170,18 +227,18 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(f"optim.ema_decay={c.optim.ema_decay} must lie in [0, 1) (0 disables the EMA).")
   _choice("objective", c.objective, OBJECTIVES)
   m, d, t = c.model, c.diffusion, c.train
-  _choice("model.cond_input", m.cond_input, model_lib.COND_INPUTS)
-  _choice("model.output_bias_init", m.output_bias_init, model_lib.OUTPUT_BIAS_INITS)
-  _choice("model.compute_dtype", m.compute_dtype, model_lib.COMPUTE_DTYPES)
-  _choice("model.block", m.block, model_lib.BLOCKS)
+  _choice("model.cond_input", m.cond_input, model_config.COND_INPUTS)
+  _choice("model.output_bias_init", m.output_bias_init, model_config.OUTPUT_BIAS_INITS)
+  _choice("model.compute_dtype", m.compute_dtype, model_config.COMPUTE_DTYPES)
+  _choice("model.block", m.block, model_config.BLOCKS)
   _choice("model.remat_policy", m.remat_policy, tuple(denoiser_lib.REMAT_POLICIES))
-  _choice("diffusion.mdlm_train_loss", d.mdlm_train_loss, ("low_var", "elbo"))
+  _choice("diffusion.mdlm_train_loss", d.mdlm_train_loss, mdlm.TRAIN_LOSSES)
   if d.aux_ce_weight < 0:
     raise errors.ConfigError(f"diffusion.aux_ce_weight must be >= 0, got {d.aux_ce_weight}.")
   _choice("diffusion.schedule", d.schedule, noise_schedule.SCHEDULES)
   _choice("diffusion.recon_split", d.recon_split, elbo.RECON_SPLITS)
   _choice("optim.decay", c.optim.decay, ("cosine", "linear", "constant"))
-  sample_settings.validate(c.sample)
+  validate_sample(c.sample)
   for key in ("model.width", "model.num_layers", "model.num_heads", "model.embed_dim", "train.batch_size",
               "train.grad_accum_steps", "eval.batch_size", "eval.num_times", "optim.lr"):
     section, field = key.split(".")
@@ -206,7 +263,7 @@ def validate(c: Config) -> None:
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}."
     )
   micro = t.batch_size // t.grad_accum_steps
-  if c.objective == "replaid" and period and micro % period:
+  if objectives.REGISTRY[c.objective].self_conditions and period and micro % period:
     raise errors.ConfigError(
         f"the micro-batch ({micro} = train.batch_size / train.grad_accum_steps) must be a multiple of "
         f"1/diffusion.selfcond_fraction = {period}."
@@ -231,7 +288,7 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
       "eval": EvalConfig,
       "checkpoint": CheckpointConfig,
       "mesh": MeshConfig,
-      "sample": sample_settings.SampleConfig,
+      "sample": SampleConfig,
   }
   top = {f.name for f in dataclasses.fields(Config)}
   unknown = sorted(set(values) - top)

@@ -29,6 +29,7 @@ A second SIGINT raises KeyboardInterrupt at once.
 """
 
 import contextlib
+import glob
 import os
 import signal
 import threading
@@ -74,13 +75,32 @@ def detect_cluster() -> str | None:
   return None
 
 
+# Google's PCI vendor id, and the device ids of its TPU chips up to TPU7x. Google's virtual NIC and NVMe disks share
+# the vendor id (PCI classes 0x01 storage, 0x02 network); an unknown Google device of another class (a TPU generation
+# newer than this list) is counted too.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+
+
 def _tpu_chips() -> int:
   """TPU chips on this host, read from PCI ids without starting a backend (0 when unknown)."""
-  try:
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
-  except Exception:  # pylint: disable=broad-except
-    return 0
+  chips = 0
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    directory = os.path.dirname(vendor)
+    try:
+      if _read(vendor) != _GOOGLE_PCI_VENDOR:
+        continue
+      device, pci_class = _read(os.path.join(directory, "device")), _read(os.path.join(directory, "class"))
+    except OSError:
+      continue
+    if device in _TPU_PCI_DEVICES or not pci_class.startswith(("0x01", "0x02")):
+      chips += 1
+  return chips
+
+
+def _read(path: str) -> str:
+  with open(path, encoding="ascii") as f:
+    return f.read().strip()
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -123,12 +143,8 @@ def initialize_from_flags() -> bool:
 
 
 def _sync_manager_active() -> bool:
-  try:
-    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-    state = jax_distributed.global_state
-    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
-  except Exception:  # pylint: disable=broad-except
-    return False
+  """Whether jax's preemption sync manager runs: jax.distributed started it, unless the service is disabled."""
+  return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 class _Watcher:

@@ -37,12 +37,13 @@ def forward_flops_per_sequence(*, seq_len: int, width: int, num_layers: int, voc
   return float(num_layers * per_block + io)
 
 
-def config_forward_flops(c) -> float:
-  """`forward_flops_per_sequence` for a converted `config_lib.Config` (model.vocab_size must be set)."""
+def config_forward_flops(c, *, token_input: bool) -> float:
+  """`forward_flops_per_sequence` for a converted `config_lib.Config` (model.vocab_size must be set) and an
+  objective whose network reads noisy embeddings or (`token_input`) token ids."""
   return forward_flops_per_sequence(
       seq_len=c.data.seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
       embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior,
-      token_input=c.objective != "replaid", input_posterior=c.model.input_posterior)
+      token_input=token_input, input_posterior=c.model.input_posterior)
 
 
 def steps_for_budget(budget_flops: float, fwd_per_seq: float, batch: int) -> int:

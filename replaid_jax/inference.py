@@ -12,9 +12,10 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from replaid_jax import base_config
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
@@ -23,7 +24,6 @@ from replaid_jax import objectives
 from replaid_jax import paths
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import tokenizer as tokenizer_lib
-from replaid_jax.train import loop
 
 REQUIRED_ITEMS = ("ema_params", "metadata")
 
@@ -90,6 +90,56 @@ def intact_hint(ckpt: ckpt_lib.Checkpointer, bad_step: int, model: "Model | None
   return "No other step is intact; restore the files or train again."
 
 
+def saved_config(saved: Any, vocab_size: int | None, *, section: str, section_values: dict | None = None,
+                 overrides: dict[str, Any] | None = None) -> tuple[config_lib.Config, list[str]]:
+  """The config a checkpoint was trained with, for reading it: `saved` on top of replaid_jax/base_config.py.
+
+  `section` is the one section the reader sets: `section_values` replace its
+  values (saved or default) and then `overrides` (keys of that section) apply.
+  model.vocab_size is the one the metadata records. Returns (config, what the
+  base config filled in: a whole section's name, or section.key).
+  """
+  if not isinstance(saved, dict):
+    raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
+  merged = base_config.get_base_config().to_dict()
+  filled = []
+  for name, default in merged.items():
+    if name not in saved:
+      filled.append(name)
+    elif isinstance(default, dict) and isinstance(saved[name], dict):
+      filled += [f"{name}.{k}" for k in default if k not in saved[name]]
+  unknown = []
+  for name, values in saved.items():
+    if name not in merged:
+      unknown.append(name)
+    elif isinstance(merged[name], dict):
+      if not isinstance(values, dict):
+        unknown.append(name)
+        continue
+      unknown += [f"{name}.{k}" for k in values if k not in merged[name]]
+      merged[name].update({k: v for k, v in values.items() if k in merged[name]})
+    else:
+      merged[name] = values
+  if unknown:
+    raise errors.CheckpointError(
+        f"the checkpoint's saved config has keys this code does not know ({', '.join(sorted(unknown))}); "
+        "read it with the code version that wrote it.")
+  if section_values is not None:
+    merged[section] = dict(section_values)
+  for key, value in (overrides or {}).items():
+    if key not in merged[section]:
+      raise errors.ConfigError(f"unknown config key {section}.{key}; the keys of the {section} section are described "
+                               "in replaid_jax/base_config.py.")
+    merged[section][key] = value
+  saved_vocab = merged["model"].get("vocab_size")
+  if vocab_size is not None:
+    if saved_vocab is not None and saved_vocab != vocab_size:
+      raise errors.CheckpointError(f"the saved config has model.vocab_size={saved_vocab} but the checkpoint "
+                                   f"metadata records vocab_size={vocab_size}; the metadata is inconsistent.")
+    merged["model"]["vocab_size"] = vocab_size
+  return config_lib.from_config_dict(ml_collections.ConfigDict(merged)), filled
+
+
 @dataclasses.dataclass
 class Model:
   """The model of a config, on its mesh: what restoring and evaluating need."""
@@ -120,12 +170,9 @@ def build_model(c: config_lib.Config, devices=None, *, batch_size: int | None = 
     raise errors.ConfigError(
         f"{batch_key}={batch_size} is not a multiple of the {split} devices the batch is split over; "
         f"pass --config.{batch_key}={max(split, batch_size // split * split)}.")
-  bias = np.zeros((c.model.vocab_size,), np.float32) if c.model.output_bias_init == "unigram" else None
-  objective = objectives.make(c)
-  abstract = jax.eval_shape(lambda k: objective.init(k, None if bias is None else jnp.asarray(bias))[0],
-                            jax.random.key(0))
-  params_sh = sharding_lib.param_shardings(abstract, loop.init_params_axes(c, bias), rules, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
+  net = objectives.make(c).abstract()
+  params_sh = sharding_lib.param_shardings(net.shapes, net.axes, rules, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), net.shapes, params_sh)
   return Model(c, mesh, abstract, params_sh, sharding_lib.batch_sharding(mesh, rules))
 
 

@@ -147,15 +147,9 @@ class MetricWriter:
     """Writes array to <dir>/<name> (.npy) atomically; returns the path."""
     path = paths.join(self.directory, name)
     if self.enabled:
-      if paths.is_uri(path):
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(array))
-        paths.path(path).write_bytes(buf.getvalue())
-        return path
-      tmp = path + ".tmp"
-      with open(tmp, "wb") as f:
-        np.save(f, np.asarray(array))
-      os.replace(tmp, path)
+      buf = io.BytesIO()
+      np.save(buf, np.asarray(array))
+      paths.write_bytes_atomic(path, buf.getvalue())
     return path
 
   def close(self) -> None:

@@ -8,6 +8,7 @@ would be ./gs:/b/r).
 """
 
 import os
+import tempfile
 
 from etils import epath
 
@@ -42,15 +43,29 @@ def makedirs(p: str | os.PathLike) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
 
-def write_text_atomic(p: str | os.PathLike, text: str) -> None:
-  """Writes a text file; locally through a temporary file and a rename, on a bucket in one upload (atomic there)."""
+def write_bytes_atomic(p: str | os.PathLike, data: bytes) -> None:
+  """Writes a file that readers see whole or not at all: locally through a synced temporary file beside it and a
+  rename, on a bucket in one upload (atomic there)."""
   p = os.fspath(p)
   if is_uri(p):
-    path(p).write_text(text)
+    path(p).write_bytes(data)
     return
-  with open(p + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(p + ".tmp", p)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p) or ".", prefix=f".{os.path.basename(p)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, p)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text_atomic(p: str | os.PathLike, text: str) -> None:
+  """`write_bytes_atomic` of UTF-8 text."""
+  write_bytes_atomic(p, text.encode("utf-8"))
 
 
 def open_file(p: str | os.PathLike, mode: str = "r"):

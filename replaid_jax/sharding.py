@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from replaid_jax import errors
@@ -20,10 +19,10 @@ PyTree = Any
 
 
 def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | None = None) -> Mesh:
-  """A mesh over all (or the given) devices; one -1 in `shape` takes what is left.
+  """A mesh over all (or the given) devices, laid out by `jax.make_mesh` along the accelerators' topology.
 
-  A shape without -1 that asks for fewer devices than there are uses the first
-  ones (single-process runs only).
+  One -1 in `shape` takes what is left. A shape without -1 that asks for fewer
+  devices than there are uses the first ones (single-process runs only).
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
@@ -40,8 +39,8 @@ def make_mesh(axes: tuple[str, ...], shape: tuple[int, ...], devices: list | Non
     devices, n = devices[:need], need  # a fully specified smaller mesh uses the first devices
   if need != n:
     raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {need} devices; {n} are available.")
-  grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(grid, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                       devices=devices)
 
 
 def logical_to_spec(axes: tuple[str | None, ...], rules: tuple[tuple[str, Any], ...], mesh: Mesh) -> PartitionSpec:
@@ -74,6 +73,23 @@ def param_shardings(values: PyTree, axes: PyTree, rules, mesh: Mesh) -> PyTree:
     return NamedSharding(mesh, _fits(v.shape, logical_to_spec(ax, rules, mesh), mesh))
   return jax.tree.map(one, values, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
       isinstance(a, (str, type(None))) for a in x))
+
+
+def derived_shardings(fn, abstract_params: PyTree, params_sh: PyTree, mesh: Mesh) -> PyTree:
+  """Shardings of `fn(params)`'s outputs (e.g. the optimizer state), from the parameters' shardings.
+
+  `fn` is traced abstractly with the parameter shardings as part of the array
+  types (an Explicit-axes copy of `mesh`), so every output that JAX derives from
+  a parameter (Adam's moments, an EMA copy) carries that parameter's sharding;
+  outputs made from nothing (step counters) are replicated.
+  """
+  explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names))
+  typed = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(explicit, sh.spec)),
+                       abstract_params, params_sh)
+  with jax.set_mesh(explicit):
+    out = jax.eval_shape(fn, typed)
+  return jax.tree.map(lambda o: NamedSharding(mesh, o.sharding.spec if o.sharding is not None else PartitionSpec()),
+                      out)
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:

@@ -27,11 +27,13 @@ jax.config.update("jax_threefry_partitionable", True)
 TINY_MODEL = model_lib.ModelConfig(
     vocab_size=24, embed_dim=4, width=32, num_layers=2, num_heads=2, mlp_ratio=2, cond_dim=16, cond_freqs=8,
     cond_input="gamma", max_seq_len=32, rope_base=10000.0, compute_dtype="float32", causal=False,
-    output_bias_init="zeros", schedule_hidden=32, remat=False,
+    output_bias_init="zeros", schedule_hidden=32, remat=False, block="dit", remat_policy="full", head_init_scale=0.0,
+    gate_init=0.0, input_posterior=False,
 )
 TINY_DIFFUSION = elbo.DiffusionConfig(
     gamma_0=-3.0, gamma_1=6.0, schedule="learned", learn_bounds=True, selfcond_fraction=0.25, output_prior=True,
     output_prior_warmup_steps=0, recon_split="adaptive", recon_fraction=0.125, loss_stats_decay=0.997,
+    learn_embeddings=True, aux_ce_weight=0.0, mdlm_train_loss="low_var",
 )
 
 

@@ -94,3 +94,34 @@ def test_models_and_diffusion_import_no_io():
           assert top in ALLOWED, f"{path.relative_to(ROOT)} imports {name}"
           if top == "replaid_jax":
             assert name.startswith(("replaid_jax.models", "replaid_jax.diffusion")), f"{path} imports {name}"
+
+
+
+def _imports(path) -> set[str]:
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names)
+  return names
+
+
+def test_no_import_runs_back_up_the_floors_and_no_private_jax():
+  """The inference reader does not import the trainer, the config does not import the sampling CLI, and nothing
+  imports jax's private modules."""
+  lib = ROOT / "replaid_jax"
+  assert not {n for n in _imports(lib / "inference.py") if n.startswith("replaid_jax.train")}
+  assert not {n for n in _imports(lib / "config_lib.py") if n.startswith("replaid_jax.sample")}
+  for path in sorted(lib.rglob("*.py")):
+    assert not {n for n in _imports(path) if n.startswith("jax._src")}, path
+
+
+def test_objective_specific_behaviour_lives_in_objectives():
+  """Code outside replaid_jax/objectives asks the objective what it is instead of comparing its name."""
+  for path in sorted((ROOT / "replaid_jax").rglob("*.py")):
+    if "objectives" in path.parts:
+      continue
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      assert not re.search(r"objective\s*[!=]=", line), f"{path.relative_to(ROOT)}:{number}: {line.strip()}"

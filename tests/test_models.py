@@ -1,22 +1,21 @@
 """Embeddings, noise schedule and denoiser: the properties the method relies on."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from replaid_jax.models import denoiser
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
-from replaid_jax.models import params as params_lib
 
 from conftest import TINY_MODEL, perturbed_params, replace
 
 
 def test_embeddings_have_unit_norm_rows_even_after_arbitrary_updates():
-  p = embedding.init(jax.random.key(0), 50, 16)
-  table = {"table": p["table"].value * jax.random.uniform(jax.random.key(1), (50, 1), minval=0.1, maxval=9.0)}
+  p = embedding.Embedding(50, 16, key=jax.random.key(0))
+  table = {"table": p.table[...] * jax.random.uniform(jax.random.key(1), (50, 1), minval=0.1, maxval=9.0)}
   norms = jnp.linalg.norm(embedding.normalized(table), axis=-1)
   np.testing.assert_allclose(norms, 1.0, atol=1e-6)
   e = embedding.lookup(embedding.normalized(table), jnp.array([[3, 7, 3]]))
@@ -26,7 +25,7 @@ def test_embeddings_have_unit_norm_rows_even_after_arbitrary_updates():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_schedule_is_monotone_with_exact_endpoints(seed):
-  p = params_lib.split(noise_schedule.init(jax.random.key(seed), 256))[0]
+  p = nnx.to_pure_dict(nnx.state(noise_schedule.NoiseSchedule(256, key=jax.random.key(seed))))
   # Make the network strongly curved: monotonicity must hold whatever the weights.
   p = jax.tree.map(lambda x: 3.0 * x, p)
   t = jnp.linspace(0.0, 1.0, 4001)
@@ -38,7 +37,7 @@ def test_schedule_is_monotone_with_exact_endpoints(seed):
 
 
 def test_schedule_derivative_matches_finite_differences_including_endpoints():
-  p = params_lib.split(noise_schedule.init(jax.random.key(3), 128))[0]
+  p = nnx.to_pure_dict(nnx.state(noise_schedule.NoiseSchedule(128, key=jax.random.key(3))))
   t = jnp.array([0.0, 0.1, 0.5, 0.77, 1.0])
   _, dgt = noise_schedule.gamma_tilde_and_deriv(p, t)
   f = lambda s: np.asarray(noise_schedule.gamma_tilde(p, jnp.asarray(s, jnp.float32)), np.float64)
@@ -50,8 +49,7 @@ def test_schedule_derivative_matches_finite_differences_including_endpoints():
 
 
 def test_gamma_maps_to_variance_preserving_alpha_sigma():
-  bounds = params_lib.split(noise_schedule.init_bounds(-3.0, 6.0))[0]
-  g = noise_schedule.gamma(bounds, jnp.array([0.0, 1.0]))
+  g = noise_schedule.Bounds(-3.0, 6.0)(jnp.array([0.0, 1.0]))
   np.testing.assert_allclose(g, [-3.0, 6.0])
   a2, s2 = noise_schedule.alpha_sigma2(jnp.linspace(-20, 20, 9))
   np.testing.assert_allclose(a2 + s2, 1.0, atol=1e-6)
@@ -107,7 +105,8 @@ def test_bidirectional_attention_sees_the_future_and_causal_does_not():
   for causal in (False, True):
     cfg = replace(TINY_MODEL, causal=causal)
     params = perturbed_params(jax.random.key(7), cfg)
-    f = lambda zz: denoiser.apply(params["denoiser"], zz, g, x_sc, *noise_schedule.alpha_sigma2(g), cfg.denoiser())
+    net = model_lib.bind(model_lib.abstract(cfg).graphdef, params)
+    f = lambda zz: net.denoiser(zz, g, x_sc, *noise_schedule.alpha_sigma2(g))
     base = f(z)
     moved = f(z.at[0, -1].add(1.0))
     changed_early = float(jnp.max(jnp.abs(moved[0, :-1] - base[0, :-1])))

@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,21 +80,25 @@ def test_diagnostic_integral_matches_a_fine_quadrature_of_the_context_free_loss(
   assert coarse == pytest.approx(fine, rel=0.05)
 
 
+def _denoiser_params(cfg):
+  return nnx.to_pure_dict(nnx.state(denoiser.Denoiser(cfg, key=jax.random.key(0))))
+
+
 def test_head_and_gate_init_switches(tiny_model):
   """head_init_scale draws the readout with std scale/sqrt(width); gate_init sets both residual gates only."""
   cfg = dataclasses.replace(tiny_model, head_init_scale=2.0, gate_init=0.25, width=64, vocab_size=512)
-  p = denoiser.init(jax.random.key(0), cfg.denoiser())
-  w = np.asarray(p["out_w"].value)
+  p = _denoiser_params(cfg)
+  w = np.asarray(p["out_w"])
   assert w.std() == pytest.approx(2.0 / math.sqrt(64), rel=0.05)
-  b = np.asarray(p["blocks"]["adaln_b"].value).reshape(cfg.num_layers, 6, 64)
+  b = np.asarray(p["blocks"]["adaln_b"]).reshape(cfg.num_layers, 6, 64)
   np.testing.assert_array_equal(b[:, (2, 5)], 0.25)
   np.testing.assert_array_equal(b[:, (0, 1, 3, 4)], 0.0)
   # The default stays adaLN-Zero with a zero head, and the switches leave every other parameter unchanged.
-  base = denoiser.init(jax.random.key(0), dataclasses.replace(cfg, head_init_scale=0.0, gate_init=0.0).denoiser())
-  assert not np.any(np.asarray(base["out_w"].value))
+  base = _denoiser_params(dataclasses.replace(cfg, head_init_scale=0.0, gate_init=0.0))
+  assert not np.any(np.asarray(base["out_w"]))
   for name in ("qkv", "attn_out", "mlp_w1", "mlp_w2"):
-    np.testing.assert_array_equal(np.asarray(base["blocks"][name].value), np.asarray(p["blocks"][name].value))
-  np.testing.assert_array_equal(np.asarray(base["in_proj"].value), np.asarray(p["in_proj"].value))
+    np.testing.assert_array_equal(np.asarray(base["blocks"][name]), np.asarray(p["blocks"][name]))
+  np.testing.assert_array_equal(np.asarray(base["in_proj"]), np.asarray(p["in_proj"]))
 
 
 def test_embedding_separation():

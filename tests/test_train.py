@@ -206,3 +206,24 @@ def test_bad_text_files_are_named_in_the_error(tmp_path):
                          "data.val_plays": ""})
     with pytest.raises(errors.DataError, match=pattern):
       loop.train_and_evaluate(cd, str(tmp_path / "w"))
+
+
+def test_model_init_is_traced_once_for_shapes_and_once_for_values(monkeypatch):
+  """Shardings, optimizer-state shardings, the FLOP count and the inference model all read one abstract init."""
+  from replaid_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from replaid_jax import inference  # pylint: disable=g-import-not-at-top
+  from replaid_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
+  traced = []
+  original = model_lib.Model.__init__
+
+  def counting_init(self, *args, **kwargs):
+    traced.append(type(kwargs["key"]).__name__)
+    original(self, *args, **kwargs)
+
+  monkeypatch.setattr(model_lib.Model, "__init__", counting_init)
+  model_lib.abstract.cache_clear()
+  _, losses, run = _run_steps((1, 1, 1), num_steps=1, seed=3)
+  assert len(losses) == 1 and len(traced) == 2  # nnx.eval_shape once; the jitted init that draws the values once
+  flops_lib.xla_forward_flops(run.objective, run.state.params, 32)
+  inference.build_model(run.config, devices=jax.devices()[:1])
+  assert len(traced) == 2

@@ -44,6 +44,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from replaid_jax import paths
 from replaid_jax.data import sources
 from replaid_jax.errors import ConfigError, DataError
 
@@ -381,15 +382,6 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _write_shard(path: str, rows: np.ndarray, dtype: np.dtype, options: str) -> None:
   """Writes one record per row to a temporary file, then renames it to `path`."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -699,7 +691,7 @@ def prepare(cfg: PrepareConfig, *, max_units: int | None = None) -> dict | None:
       "settings": settings,
       "splits": {split: writers[split].finish() for split in SPLITS},
   }
-  _write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+  paths.write_bytes_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
   for name in os.listdir(out_dir):
     if name == PROGRESS or name.startswith("progress-state-"):
       os.remove(os.path.join(out_dir, name))
@@ -736,12 +728,12 @@ def _save_progress(out_dir: str, settings: dict, units_done: int, chain: str,
     arrays.update(writer.state_arrays())
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  _write_atomic(os.path.join(out_dir, state_name), buf.getvalue())
+  paths.write_bytes_atomic(os.path.join(out_dir, state_name), buf.getvalue())
   _fsync_dir(out_dir)  # the unit's shards and state are in place before progress.json counts them
   progress = {"settings": settings, "units_done": units_done, "chain": chain,
               "state_file": state_name,
               "splits": {split: w.stats for split, w in writers.items()}}
-  _write_atomic(os.path.join(out_dir, PROGRESS), json.dumps(progress).encode())
+  paths.write_bytes_atomic(os.path.join(out_dir, PROGRESS), json.dumps(progress).encode())
   for name in os.listdir(out_dir):
     if name.startswith("progress-state-") and name.endswith(".npz") and name != state_name:
       os.remove(os.path.join(out_dir, name))

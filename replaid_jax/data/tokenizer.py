@@ -18,12 +18,12 @@ import itertools
 import json
 import os
 import re
-import tempfile
 
 from absl import logging
 import numpy as np
 import sentencepiece as spm
 
+from replaid_jax import paths
 from replaid_jax.errors import ConfigError, DataError
 
 MODEL_TYPES = ("unigram", "bpe")
@@ -236,22 +236,6 @@ def _train(chunks: list[str], options: dict) -> bytes:
   return model.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a temp file beside `path`, then renames it into place."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_",
-                             suffix=".model")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str,
                             cache_dir: str, copy_to: str | None = None) -> Tokenizer:
   """Trains a SentencePiece model on `texts`, or loads it from `cache_dir`.
@@ -304,7 +288,7 @@ def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type
                  model_type, vocab_size, f"{sum(len(c) for c in chunks):,}", path if writable else local)
     proto = _train(chunks, options)
     if writable:
-      _write_atomic(path, proto)
+      paths.write_bytes_atomic(path, proto)
     else:
       logging.warning("data.cache_dir: cannot write to '%s' (%s); the tokenizer is kept in the run only. Set "
                       "data.cache_dir (or $%s) to a writable directory to reuse it.", cache_dir, reason, CACHE_ENV)
@@ -314,5 +298,5 @@ def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type
   if cached or os.path.isfile(path):
     with open(path, "rb") as f:
       proto = f.read()
-  _write_atomic(local, proto)
+  paths.write_bytes_atomic(local, proto)
   return load_tokenizer(local, what="the run's tokenizer")

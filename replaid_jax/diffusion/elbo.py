@@ -52,9 +52,9 @@ class DiffusionConfig:
   recon_split: str
   recon_fraction: float
   loss_stats_decay: float
-  learn_embeddings: bool = True
-  aux_ce_weight: float = 0.0
-  mdlm_train_loss: str = "low_var"
+  learn_embeddings: bool
+  aux_ce_weight: float
+  mdlm_train_loss: str
 
 
 @flax.struct.dataclass

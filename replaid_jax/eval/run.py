@@ -52,39 +52,13 @@ from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
 from replaid_jax.eval import geometry as geometry_lib
-from replaid_jax.models import params as params_lib
+from replaid_jax.models import model as model_lib
 
 ANALYSES = ("bound", "curves", "geometry")
 _EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for every checkpoint of a run
 
 
 # ---- config.
-
-
-def _merge_onto_base(saved: dict) -> tuple[dict, list[str]]:
-  """The saved config on top of replaid_jax/base_config.py; returns (merged dict, keys filled from the defaults)."""
-  merged = base_config.get_base_config().to_dict()
-  unknown, filled = [], []
-  for section, values in saved.items():
-    if section not in merged:
-      unknown.append(section)
-    elif isinstance(merged[section], dict):
-      if not isinstance(values, dict):
-        unknown.append(section)
-        continue
-      unknown += [f"{section}.{k}" for k in values if k not in merged[section]]
-      merged[section].update({k: v for k, v in values.items() if k in merged[section]})
-    else:
-      merged[section] = values
-  if unknown:
-    raise errors.CheckpointError(
-        f"the checkpoint's saved config has keys this code does not know ({', '.join(sorted(unknown))}); "
-        "evaluate it with the code version that wrote it.")
-  for section in ("model", "diffusion", "data", "mesh"):  # the sections an evaluation depends on
-    values = merged[section]
-    if isinstance(values, dict):
-      filled += [f"{section}.{k}" for k in values if k not in saved.get(section, {})]
-  return merged, filled
 
 
 def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
@@ -111,21 +85,16 @@ def eval_section(saved_eval: dict, overrides: dict[str, Any]) -> dict:
 def checkpoint_config(meta: dict, overrides: dict[str, Any] | None = None) -> config_lib.Config:
   """The Config a checkpoint was trained with (model.vocab_size resolved), with the eval section of `eval_section`."""
   saved = meta.get("config")
-  if not isinstance(saved, dict):
-    raise errors.CheckpointError("the checkpoint metadata holds no config; it was not written by launch/train.py.")
-  merged, filled = _merge_onto_base(saved)
-  if filled:
-    logging.warning("the saved config lacks %s; using the defaults of replaid_jax/base_config.py", ", ".join(filled))
-  merged["eval"] = eval_section(saved.get("eval", {}), overrides or {})
-  c = config_lib.from_config_dict(ml_collections.ConfigDict(merged))
   vocab = meta.get("vocab_size")
-  if not isinstance(vocab, int):
+  if isinstance(saved, dict) and not isinstance(vocab, int):
     raise errors.CheckpointError("the checkpoint metadata records no vocab_size; it was not written by "
                                  "launch/train.py.")
-  if c.model.vocab_size is not None and c.model.vocab_size != vocab:
-    raise errors.CheckpointError(f"the saved config has model.vocab_size={c.model.vocab_size} but the checkpoint "
-                                 f"metadata records vocab_size={vocab}; the metadata is inconsistent.")
-  c = dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=vocab))
+  saved_eval = saved.get("eval", {}) if isinstance(saved, dict) else {}
+  c, filled = inference.saved_config(saved, vocab, section="eval",
+                                     section_values=eval_section(saved_eval, overrides or {}))
+  filled = [k for k in filled if k.split(".")[0] in ("model", "diffusion", "data", "mesh")]  # what evaluation reads
+  if filled:
+    logging.warning("the saved config lacks %s; using the defaults of replaid_jax/base_config.py", ", ".join(filled))
   for key, value in (("eval.final_num_times", c.eval.final_num_times), ("eval.curve_points", c.eval.curve_points),
                      ("eval.curve_max_sequences", c.eval.curve_max_sequences)):
     if value < (2 if key == "eval.curve_points" else 1):
@@ -280,7 +249,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   label = f"{datasets.display_name(evalset.name, evalset.split)} step {step}"
   key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
   put = functools.partial(jax.device_put, device=model.batch_sharding)
-  if c.objective != "replaid" and set(analyses) - {"bound"}:
+  if not objectives.REGISTRY[c.objective].learned_embeddings and set(analyses) - {"bound"}:
     raise errors.ConfigError(f"--curves and --geometry analyse RePlaid's embeddings and noise schedule; this checkpoint "
                              f"was trained with objective={c.objective!r}. Evaluate its bound only.")
   bounds = (jax.tree.map(float, jax.device_get(params["bounds"])) if "bounds" in params
@@ -290,7 +259,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
       "step": step, "workdir": paths.absolute(workdir), "checkpoint": paths.join(ckpt.directory, str(step)),
       "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
       "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
-      "model": {"num_params": params_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
+      "model": {"num_params": model_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
                 "num_layers": c.model.num_layers, "embed_dim": c.model.embed_dim},
       "checkpoint_metadata": {k: meta.get(k) for k in ("objective", "tokenizer", "data", "replaid_jax_version",
                                                        "jax_version", "num_params")},
@@ -388,9 +357,9 @@ def _bound(session: Session, c, model: Model, params, evalset, key, put, label: 
          "tokens_per_s": res["num_tokens"] / seconds, "sequences_per_s": res["num_sequences"] / seconds,
          "analytic_flops_per_token": passes * fwd_flops / seq_len,
          "flops_per_s": passes * fwd_flops * res["num_sequences"] / seconds, "ideal_ratio_to_forward": passes}
-  if c.objective == "replaid":
+  if objective.self_conditions:
     thr["ideal_ratio_to_selfcond_forward"] = k + 1
-  if timing and c.objective != "replaid":
+  if timing and not objective.self_conditions:
     batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
     fn = session.fn(fkey[:1] + ("forward", b, seq_len), lambda: jax.jit(objective.forward))
     thr["forward_seconds_per_batch"] = _seconds_per_call(fn, params, batch)

@@ -27,7 +27,7 @@ class ARJudge:
     ckpt, step, meta = inference.open_checkpoint(workdir, int(step) if step else None)
     try:
       c = eval_run.checkpoint_config(meta)
-      if c.objective != "ar":
+      if not objectives.REGISTRY[c.objective].autoregressive:
         raise errors.ConfigError(f"sample.judge=ar:{spec} is a checkpoint of objective {c.objective!r}; an AR judge "
                                  "needs a run trained with --config.objective=ar.")
       self.tokenizer = inference.checkpoint_tokenizer(meta, workdir)

@@ -1,18 +1,23 @@
 """Learned token embeddings whose rows are renormalised to unit norm on every use."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from replaid_jax.models import params as params_lib
+from replaid_jax.models import layers
 
 _EPS = 1e-8
 
 
-def init(key: jax.Array, vocab_size: int, embed_dim: int) -> dict[str, params_lib.Param]:
-  """E~ ~ N(0, 1), stored unnormalised; `normalized` is applied on every use."""
-  raw = jax.random.normal(key, (vocab_size, embed_dim), jnp.float32)
-  raw = raw / (jnp.linalg.norm(raw, axis=-1, keepdims=True) + _EPS)
-  return {"table": params_lib.Param(raw, ("vocab", None))}
+class Embedding(nnx.Module):
+  """The table E~ [V, d_e], drawn N(0, 1) and normalised once; `normalized` is applied again on every use."""
+
+  def __init__(self, vocab_size: int, embed_dim: int, *, key: jax.Array):
+    raw = jax.random.normal(key, (vocab_size, embed_dim), jnp.float32)
+    self.table = layers.fixed(raw / (jnp.linalg.norm(raw, axis=-1, keepdims=True) + _EPS), ("vocab", None))
+
+  def __call__(self) -> jax.Array:
+    return normalized({"table": self.table[...]})
 
 
 def normalized(p: dict[str, jax.Array]) -> jax.Array:

@@ -1,12 +1,41 @@
-"""Stateless building blocks of the DiT backbone.
+"""Building blocks of the DiT backbone: parameter constructors and stateless layers.
 
 Shape suffixes: B batch, L sequence, D width, H heads, K head dim, C cond dim.
 """
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
 _LN_EPS = 1e-5
+
+Axes = tuple[str | None, ...]
+
+
+def _param(init, key: jax.Array | None, shape: tuple[int, ...], axes: Axes) -> nnx.Param:
+  # The logical names travel as metadata; `replaid_jax.sharding` maps them onto a mesh when the init is jitted, so
+  # no mesh is needed (nor used) when the variable is created.
+  if len(shape) != len(axes):
+    raise ValueError(f"shape {shape} and logical axes {axes} differ in rank.")
+  return nnx.Param(nnx.with_partitioning(init, axes, eager_sharding=False)(key, shape, jnp.float32))
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], std: float, axes: Axes) -> nnx.Param:
+  """N(0, std^2) float32 parameter with logical axis names."""
+  return _param(nnx.initializers.normal(std), key, shape, axes)
+
+
+def zeros(shape: tuple[int, ...], axes: Axes) -> nnx.Param:
+  return _param(nnx.initializers.zeros, None, shape, axes)
+
+
+def ones(shape: tuple[int, ...], axes: Axes) -> nnx.Param:
+  return _param(nnx.initializers.ones, None, shape, axes)
+
+
+def fixed(value: jax.Array, axes: Axes) -> nnx.Param:
+  """A parameter that starts at a given float32 value."""
+  return _param(lambda *_: jnp.asarray(value, jnp.float32), None, jnp.shape(value), axes)
 
 
 def layer_norm(x_BLD: jax.Array, scale_D: jax.Array) -> jax.Array:

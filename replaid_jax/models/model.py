@@ -1,4 +1,10 @@
-"""The RePlaid model: embeddings, noise schedule, bounds and denoiser, as one pytree.
+"""The RePlaid model: embeddings, noise schedule, bounds and denoiser, as one `nnx.Module`.
+
+Training, evaluation and sampling work on its parameters as a pytree of arrays
+(nested dicts named like the modules' attributes, which is also the checkpoint
+layout). `abstract` traces the module's init once per configuration, without
+computing anything: the graph definition, the shapes and the logical axis names
+that shardings, optimizer-state shardings and FLOP counts are derived from.
 
 `predict` is the denoiser as the ELBO and the samplers see it: from (z_t, gamma_t)
 and the self-conditioning input to the logits (network logits plus the output
@@ -7,50 +13,70 @@ reparameterisation).
 """
 
 import dataclasses
+import functools
+from typing import Any, Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from replaid_jax.models import denoiser
 from replaid_jax.models import embedding
+from replaid_jax.models import model_config
 from replaid_jax.models import noise_schedule
-from replaid_jax.models import params as params_lib
 
-COND_INPUTS = ("gamma", "t")
-OUTPUT_BIAS_INITS = ("zeros", "unigram")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-BLOCKS = ("dit", "plaid")
+ModelConfig = model_config.ModelConfig
+
+
+class Model(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, gamma_0: float, gamma_1: float, key: jax.Array,
+               output_bias: jax.Array | None = None):
+    k_emb, k_sched, k_den = jax.random.split(key, 3)
+    self.embedding = embedding.Embedding(cfg.vocab_size, cfg.embed_dim, key=k_emb)
+    self.schedule = noise_schedule.NoiseSchedule(cfg.schedule_hidden, key=k_sched)
+    self.bounds = noise_schedule.Bounds(gamma_0, gamma_1)
+    self.denoiser = denoiser.Denoiser(cfg, key=k_den, output_bias=output_bias)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The `model` config section."""
+class Abstract:
+  """A module's structure without values: `graphdef` to rebuild it from parameters; `shapes` (ShapeDtypeStructs) and
+  `axes` (logical axis names) in the tree of its parameters."""
 
-  vocab_size: int | None
-  embed_dim: int
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_ratio: int
-  cond_dim: int
-  cond_freqs: int
-  cond_input: str
-  max_seq_len: int
-  rope_base: float
-  compute_dtype: str
-  causal: bool
-  output_bias_init: str
-  schedule_hidden: int
-  remat: bool
-  block: str = "dit"
-  remat_policy: str = "full"
-  head_init_scale: float = 0.0
-  gate_init: float = 0.0
-  input_posterior: bool = False
+  graphdef: Any
+  shapes: dict
+  axes: dict
 
-  def denoiser(self) -> denoiser.DenoiserConfig:
-    names = {f.name for f in dataclasses.fields(denoiser.DenoiserConfig)}
-    return denoiser.DenoiserConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+def parameters(module: nnx.Module) -> tuple[dict, dict]:
+  """(parameter pytree, logical axes in the same tree) of a module."""
+  state = nnx.state(module, nnx.Param)
+  axes = jax.tree.map(tuple, nnx.get_partition_spec(state))
+  return nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
+
+
+def abstract_of(build: Callable[[], nnx.Module]) -> Abstract:
+  """`build` traced by `nnx.eval_shape`: nothing is drawn or allocated."""
+  module = nnx.eval_shape(build)
+  shapes, axes = parameters(module)
+  return Abstract(nnx.graphdef(module), shapes, axes)
+
+
+def count(params: dict) -> int:
+  """Number of parameters in a parameter pytree."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def bind(graphdef: Any, params: dict) -> nnx.Module:
+  """The module of `graphdef` holding `params` (arrays or tracers): the boundary from the pure maths to the modules."""
+  return nnx.merge(graphdef, params)
+
+
+@functools.cache
+def abstract(cfg: ModelConfig) -> Abstract:
+  """The RePlaid model of `cfg`, traced once per process (the bounds' and output bias' values do not matter here)."""
+  return abstract_of(lambda: Model(cfg, gamma_0=0.0, gamma_1=1.0, key=jax.random.key(0)))
 
 
 def init(
@@ -62,14 +88,7 @@ def init(
     output_bias: jax.Array | None = None,
 ) -> tuple[dict, dict]:
   """Returns (params, logical axes) with the same tree structure."""
-  k_emb, k_sched, k_den = jax.random.split(key, 3)
-  tree = {
-      "embedding": embedding.init(k_emb, cfg.vocab_size, cfg.embed_dim),
-      "schedule": noise_schedule.init(k_sched, cfg.schedule_hidden),
-      "bounds": noise_schedule.init_bounds(gamma_0, gamma_1),
-      "denoiser": denoiser.init(k_den, cfg.denoiser(), output_bias),
-  }
-  return params_lib.split(tree)
+  return parameters(Model(cfg, gamma_0=gamma_0, gamma_1=gamma_1, key=key, output_bias=output_bias))
 
 
 def _select_detached(mask_B: jax.Array | None, fn, table_VE: jax.Array) -> jax.Array:
@@ -99,7 +118,8 @@ def predict(
   `detach_embeddings_B` marks examples whose output prior and x_hat must not
   send gradient into the embedding matrix (self-conditioned training rows).
   """
-  table = embedding.normalized(params["embedding"])
+  net = bind(abstract(cfg).graphdef, params)
+  table = net.embedding()
   alpha2, sigma2 = noise_schedule.alpha_sigma2(gamma_B)
   cond = gamma_B if cfg.cond_input == "gamma" else t_B
   # log N(z; alpha e_v, sigma^2 I) = (alpha / sigma^2) z.e_v + const for unit-norm e_v.
@@ -107,8 +127,7 @@ def predict(
   if use_output_prior or cfg.input_posterior:
     z_dot_e = _select_detached(detach_embeddings_B, lambda tab: jnp.einsum("ble,ve->blv", z_BLE, tab), table)
   posterior = jax.nn.softmax(coef_B[:, None, None] * z_dot_e, axis=-1) if cfg.input_posterior else None
-  logits = denoiser.apply(params["denoiser"], z_BLE, cond, x_sc_BLE, alpha2, sigma2, cfg.denoiser(),
-                          posterior_BLV=posterior, unroll=unroll)
+  logits = net.denoiser(z_BLE, cond, x_sc_BLE, alpha2, sigma2, posterior_BLV=posterior, unroll=unroll)
   if use_output_prior:
     logits = logits + (prior_scale * coef_B)[:, None, None] * z_dot_e
   probs = jax.nn.softmax(logits, axis=-1)

@@ -9,30 +9,39 @@ Both weight vectors are positive, so g (and gamma~) is strictly increasing.
 alpha_t^2 = sigmoid(-gamma), sigma_t^2 = sigmoid(gamma), SNR = exp(-gamma).
 """
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from replaid_jax.models import params as params_lib
+from replaid_jax.models import layers
 
 SCHEDULES = ("learned", "linear_fixed")
 
 
-def init(key: jax.Array, hidden: int) -> dict[str, params_lib.Param]:
-  k1, k2, k3 = jax.random.split(key, 3)
-  return {
-      "w1": params_lib.normal(k1, (hidden,), 1.0, (None,)),
-      "b1": params_lib.normal(k2, (hidden,), 1.0, (None,)),
-      "w2": params_lib.normal(k3, (hidden,), 1.0, (None,)),
-  }
+class NoiseSchedule(nnx.Module):
+  """The monotone MLP of gamma~ (W1, b1, W2 of `hidden` units, all N(0, 1))."""
+
+  def __init__(self, hidden: int, *, key: jax.Array):
+    k1, k2, k3 = jax.random.split(key, 3)
+    self.w1 = layers.normal(k1, (hidden,), 1.0, (None,))
+    self.b1 = layers.normal(k2, (hidden,), 1.0, (None,))
+    self.w2 = layers.normal(k3, (hidden,), 1.0, (None,))
+
+  def __call__(self, t: jax.Array, schedule: str = "learned") -> jax.Array:
+    return gamma_tilde(nnx.to_pure_dict(nnx.state(self)), t, schedule)
 
 
-def init_bounds(gamma_0: float, gamma_1: float) -> dict[str, params_lib.Param]:
-  if not gamma_0 < gamma_1:
-    raise ValueError(f"gamma_0 ({gamma_0}) must be below gamma_1 ({gamma_1}).")
-  return {
-      "gamma_0": params_lib.Param(jnp.asarray(gamma_0, jnp.float32), ()),
-      "gamma_1": params_lib.Param(jnp.asarray(gamma_1, jnp.float32), ()),
-  }
+class Bounds(nnx.Module):
+  """The endpoints gamma_0 < gamma_1 of the noise schedule."""
+
+  def __init__(self, gamma_0: float, gamma_1: float):
+    if not gamma_0 < gamma_1:
+      raise ValueError(f"gamma_0 ({gamma_0}) must be below gamma_1 ({gamma_1}).")
+    self.gamma_0 = layers.fixed(jnp.asarray(gamma_0, jnp.float32), ())
+    self.gamma_1 = layers.fixed(jnp.asarray(gamma_1, jnp.float32), ())
+
+  def __call__(self, gt: jax.Array) -> jax.Array:
+    return gamma({"gamma_0": self.gamma_0[...], "gamma_1": self.gamma_1[...]}, gt)
 
 
 def _unnormalised(p: dict[str, jax.Array], t: jax.Array) -> jax.Array:

@@ -21,10 +21,14 @@ def shift_right(tokens_BL: jax.Array, bos: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class AR(base.Objective):
   name = "ar"
+  autoregressive = True
   token_input = True
 
   def init(self, key, output_bias):
     return token_model.init(key, self.c.model, output_bias, causal=True)
+
+  def abstract(self):
+    return token_model.abstract(token_model.config(self.c.model, causal=True))
 
   def logits(self, params, tokens_BL):
     bos = token_model.extra_id(self.c.model.vocab_size)

@@ -13,13 +13,17 @@ the same keys, and `recon + diffusion + prior` is always the reported bound.
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar, TYPE_CHECKING
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from replaid_jax.diffusion import elbo
+from replaid_jax.models import model as model_lib
+
+if TYPE_CHECKING:
+  from replaid_jax import config_lib  # pylint: disable=g-bad-import-order
 
 
 @flax.struct.dataclass
@@ -62,14 +66,34 @@ class Sections:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """Base class; `c` is the converted `config_lib.Config`."""
+  """Base class; `c` is the converted `config_lib.Config`.
 
-  c: Any
-  name = "base"
-  token_input = False  # the network reads token ids (a V'-row table), not noisy embeddings
-  uses_selfcond_pass = False  # training runs an extra no-gradient forward on some rows
+  The class attributes say what the objective is, for code that has only its
+  name (`REGISTRY[name]`): whether its network reads token ids, whether it
+  learns embeddings and a noise schedule (the schedule plot, the noise-level
+  diagnostics, likelihood curves and embedding geometry apply), whether its
+  training can run a self-conditioning pass, and whether it factorises left
+  to right.
+  """
+
+  c: "config_lib.Config"
+  name: ClassVar[str] = "base"
+  token_input: ClassVar[bool] = False  # the network reads token ids (a V'-row table), not noisy embeddings
+  learned_embeddings: ClassVar[bool] = False  # Gaussian diffusion on learned embeddings with a learned schedule
+  self_conditions: ClassVar[bool] = False  # training may add a no-gradient self-conditioning pass
+  autoregressive: ClassVar[bool] = False  # exact left-to-right likelihood; conditions on prefixes only
+
+  @property
+  def uses_selfcond_pass(self) -> bool:
+    """Whether this config's training runs an extra no-gradient forward on some rows."""
+    return self.self_conditions and self.c.diffusion.selfcond_fraction > 0
 
   def init(self, key: jax.Array, output_bias: jax.Array | None) -> tuple[dict, dict]:
+    """(parameters, their logical axes): the network's module built with values."""
+    raise NotImplementedError
+
+  def abstract(self) -> model_lib.Abstract:
+    """The network without values (graph, shapes, logical axes), traced once per process and configuration."""
     raise NotImplementedError
 
   def frozen_groups(self) -> tuple[str, ...]:

@@ -31,6 +31,9 @@ class DiscreteDiffusion(base.Objective):
   def init(self, key, output_bias):
     return token_model.init(key, self.c.model, output_bias, causal=False)
 
+  def abstract(self):
+    return token_model.abstract(token_model.config(self.c.model, causal=False))
+
   def logits(self, params: dict, z_BL: jax.Array, t_B: jax.Array, *, unroll: bool = False) -> jax.Array:
     return token_model.logits(params, z_BL, t_B, self.c.model, causal=False, unroll=unroll)
 

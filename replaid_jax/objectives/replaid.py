@@ -37,14 +37,15 @@ def recon_rows(stats, cfg: elbo.DiffusionConfig, batch: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class RePlaid(base.Objective):
   name = "replaid"
-
-  @property
-  def uses_selfcond_pass(self) -> bool:
-    return self.c.diffusion.selfcond_fraction > 0
+  learned_embeddings = True
+  self_conditions = True
 
   def init(self, key, output_bias):
     d = self.c.diffusion
     return model_lib.init(key, self.c.model, gamma_0=d.gamma_0, gamma_1=d.gamma_1, output_bias=output_bias)
+
+  def abstract(self):
+    return model_lib.abstract(self.c.model)
 
   def frozen_groups(self):
     d = self.c.diffusion

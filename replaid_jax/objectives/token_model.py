@@ -6,31 +6,49 @@ output layer predicts the V tokens only.
 """
 
 import dataclasses
+import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from replaid_jax.models import denoiser
-from replaid_jax.models import params as params_lib
+from replaid_jax.models import model as model_lib
+from replaid_jax.models import model_config
 
 
 def extra_id(vocab_size: int) -> int:
   return vocab_size
 
 
+class TokenNetwork(nnx.Module):
+  """The denoiser with a V + 1-row input table."""
+
+  def __init__(self, cfg: model_config.ModelConfig, *, key: jax.Array, output_bias: jax.Array | None = None):
+    self.denoiser = denoiser.Denoiser(cfg, key=key, output_bias=output_bias, token_vocab=cfg.vocab_size + 1)
+
+
 def init(key: jax.Array, model_cfg, output_bias: jax.Array | None, *, causal: bool) -> tuple[dict, dict]:
-  cfg = config(model_cfg, causal=causal)
-  return params_lib.split({"denoiser": denoiser.init(key, cfg, output_bias, token_vocab=cfg.vocab_size + 1)})
+  """(params, logical axes)."""
+  return model_lib.parameters(TokenNetwork(config(model_cfg, causal=causal), key=key,
+                                           output_bias=output_bias))
 
 
-def config(model_cfg, *, causal: bool) -> denoiser.DenoiserConfig:
-  return dataclasses.replace(model_cfg.denoiser(), causal=causal)
+@functools.cache
+def abstract(cfg: model_config.ModelConfig) -> model_lib.Abstract:
+  """The token network of `cfg`, traced once per process."""
+  return model_lib.abstract_of(lambda: TokenNetwork(cfg, key=jax.random.key(0)))
+
+
+def config(model_cfg: model_config.ModelConfig, *, causal: bool) -> model_config.ModelConfig:
+  return dataclasses.replace(model_cfg, causal=causal)
 
 
 def logits(params: dict, inputs_BL: jax.Array, cond_B: jax.Array, model_cfg, *, causal: bool,
            unroll: bool = False) -> jax.Array:
   """Logits [B, L, V] in float32."""
-  out = denoiser.apply_tokens(params["denoiser"], inputs_BL, cond_B, config(model_cfg, causal=causal), unroll=unroll)
+  cfg = config(model_cfg, causal=causal)
+  out = model_lib.bind(abstract(cfg).graphdef, params).denoiser.tokens(inputs_BL, cond_B, unroll=unroll)
   return out.astype(jnp.float32)
 
 

@@ -91,14 +91,14 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
     if step in targets:
       res = bound_lib.evaluate(bound_fn, state.ema_params, val, eval_key, batch_size=min(64, len(val)))
       train = {k: v / n_acc for k, v in acc.items()}
-      if c.objective == "replaid":
+      if run.objective.learned_embeddings:
         train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
       point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - t0, train)
       points.append(point)
       acc, n_acc = {}, 0
       if on_point:
         on_point(point)
-    if step in diagnostics_at and c.objective == "replaid":
+    if step in diagnostics_at and run.objective.learned_embeddings:
       diagnostics_out[step] = diagnostics.denoiser_gain_by_level(jax.device_get(state.ema_params), val[:64],
                                                                  log_unigram,
                                                  jax.random.key(eval_seed + 1), model_cfg=c.model)

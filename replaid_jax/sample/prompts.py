@@ -23,7 +23,7 @@ import numpy as np
 from replaid_jax import errors
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import guidance
-from replaid_jax.sample import settings
+from replaid_jax import config_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _fits(what: str, start: int, n: int, seq_len: int, fix: str) -> None:
         f"{what} needs positions {start}..{start + n - 1} but samples have {seq_len} tokens; {fix}")
 
 
-def build(tok: tokenizer_lib.Tokenizer | None, s: settings.SampleConfig, seq_len: int, *,
+def build(tok: tokenizer_lib.Tokenizer | None, s: config_lib.SampleConfig, seq_len: int, *,
           max_seq_len: int) -> Layout:
   """Tokenises the prompts and words of `s` for samples of `seq_len` tokens."""
   prefix = read_prompt(s.prefix, s.prefix_file, "prefix")

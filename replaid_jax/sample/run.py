@@ -25,10 +25,8 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from replaid_jax import base_config
 from replaid_jax import config_lib
 from replaid_jax import errors
 from replaid_jax import sharding as sharding_lib
@@ -49,24 +47,7 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
 
   Returns (config, the keys filled from the base config).
   """
-  base = base_config.get_base_config().to_dict()
-  merged, filled = dict(saved), []
-  for key, default in base.items():
-    if key not in saved:
-      merged[key] = default
-      filled.append(key)
-    elif isinstance(default, dict) and isinstance(saved[key], dict):
-      missing = [k for k in default if k not in saved[key]]
-      merged[key] = {**{k: default[k] for k in missing}, **saved[key]}
-      filled += [f"{key}.{k}" for k in missing]
-  for key, value in (overrides or {}).items():
-    if key not in merged["sample"]:
-      raise errors.ConfigError(f"unknown key sample.{key}; the keys of the sample section are described in "
-                               "replaid_jax/base_config.py.")
-    merged["sample"] = {**merged["sample"], key: value}
-  if merged["model"].get("vocab_size") is None and vocab_size is not None:
-    merged["model"] = {**merged["model"], "vocab_size": vocab_size}
-  return config_lib.from_config_dict(ml_collections.ConfigDict(merged)), filled
+  return inference.saved_config(saved, vocab_size, section="sample", overrides=overrides)
 
 
 class ProgressBar:
@@ -93,8 +74,9 @@ class ProgressBar:
 
 
 def _settings_record(s, seq_len: int, objective: str = "replaid") -> dict:
-  if objective != "replaid":  # the baselines' own ancestral samplers; AR takes one step per token
-    return {"seq_len": seq_len, "sampler": f"{objective} ancestral", "steps": seq_len if objective == "ar" else s.steps,
+  kind = objectives.REGISTRY[objective]
+  if not kind.learned_embeddings:  # the baselines' own ancestral samplers; AR takes one step per token
+    return {"seq_len": seq_len, "sampler": f"{objective} ancestral", "steps": seq_len if kind.autoregressive else s.steps,
             "time_grid": "uniform", "score_temp": 1.0, "condition": "clamp",
             **{k: getattr(s, k) for k in ("prefix", "prefix_file", "suffix", "suffix_file", "gap")}}
   keys = ("sampler", "steps", "time_grid", "score_temp", "selfcond", "condition", "guidance_weight", "prefix",
@@ -128,7 +110,7 @@ def baseline_known(layout: prompts.Layout, objective: str, s) -> tuple[np.ndarra
   if s.constraints or s.avoid:
     raise errors.ConfigError(f"sample.constraints and sample.avoid use RePlaid's gradient guidance; this checkpoint's "
                              f"objective is {objective!r}. Clear them.")
-  if objective == "ar" and layout.suffix_start >= 0:
+  if objectives.REGISTRY[objective].autoregressive and layout.suffix_start >= 0:
     raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an mdlm, "
                              "duo or replaid checkpoint for infilling).")
   mask = np.zeros((layout.seq_len,), bool)
@@ -201,7 +183,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   num_batches = math.ceil(s.num_samples / batch)
   bar = ProgressBar(num_batches, enabled=s.progress and jax.process_index() == 0)
   key = jax.random.key(s.seed)
-  if c.objective == "replaid":
+  if objectives.REGISTRY[c.objective].learned_embeddings:
     cond = jax.tree.map(put, layout.batch(batch))
     denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
     table = jax.jit(embedding.normalized)(params["embedding"])

@@ -47,10 +47,10 @@ from replaid_jax.data import pipeline
 from replaid_jax import objectives
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import diagnostics
-from replaid_jax.models import params as params_lib
 from replaid_jax.train import optim
 from replaid_jax.train import plots
 from replaid_jax.train import step as step_lib
+from replaid_jax.models import model as model_lib
 
 
 @dataclasses.dataclass
@@ -106,52 +106,13 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
     params, _ = objective.init(key, None if bias is None else jnp.asarray(bias))
     return step_lib.init_state(params, tx)
 
-  abstract_state = jax.eval_shape(make_state, jax.random.key(c.seed))
-  axes = init_params_axes(c, bias)
-  params_sh = sharding_lib.param_shardings(abstract_state.params, axes, rules, mesh)
-  repl = sharding_lib.replicated(mesh)
-  opt_sh = _opt_state_shardings(abstract_state.opt_state, params_sh, repl)
-  state_sh = step_lib.TrainState(
-      step=repl, params=params_sh, ema_params=params_sh, opt_state=opt_sh,
-      loss_stats=jax.tree.map(lambda _: repl, abstract_state.loss_stats),
-  )
+  net = objective.abstract()  # the model's init, traced once per process: shapes and logical axes
+  params_sh = sharding_lib.param_shardings(net.shapes, net.axes, rules, mesh)
+  # Adam's moments and the EMA take their parameter's sharding, counters and loss statistics are replicated.
+  state_sh = sharding_lib.derived_shardings(lambda p: step_lib.init_state(p, tx), net.shapes, params_sh, mesh)
   state = jax.jit(make_state, out_shardings=state_sh)(jax.random.key(c.seed))
-  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, axes,
+  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, net.axes,
              objective)
-
-
-def init_params_axes(c: config_lib.Config, bias) -> Any:
-  """The logical-axes tree (static) of the model's parameters."""
-  holder = {}
-  objective = objectives.make(c)
-
-  def f(key):
-    values, axes = objective.init(key, None if bias is None else jnp.asarray(bias))
-    holder["axes"] = axes
-    return values
-
-  jax.eval_shape(f, jax.random.key(0))
-  return holder["axes"]
-
-
-def _opt_state_shardings(abstract_opt_state, params_sh, repl):
-  """Optimizer leaves that mirror a parameter (Adam moments) take its sharding; others are replicated.
-
-  A leaf mirrors a parameter when the parameter's key path ends the leaf's key
-  path and the shapes agree.
-  """
-  path_str = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
-
-  def pick(path, leaf):
-    key = path_str(path)
-    for param_path, sh in by_path.items():
-      if key.endswith("/" + param_path) and len(leaf.shape) == len(sh.spec) or (
-          key.endswith("/" + param_path) and not sh.spec):
-        return sh
-    return repl
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def compile_step(run: Run):
@@ -180,7 +141,7 @@ def metadata(run: Run, config_dict: dict) -> dict:
       "data": run.corpus.info,
       "replaid_jax_version": replaid_jax.__version__,
       "jax_version": jax.__version__,
-      "num_params": params_lib.count(run.state.params),
+      "num_params": model_lib.count(run.state.params),
   }
 
 
@@ -340,8 +301,8 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
   logging.info("data: %s", json.dumps(corpus.info))
   c = resolve_vocab(c, corpus)
   run = build(c, corpus)
-  logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{params_lib.count(run.state.params):,}",
-               f"{params_lib.count(run.state.params['denoiser']):,}",
+  logging.info("model: %s parameters (%s in the denoiser)\n%s", f"{model_lib.count(run.state.params):,}",
+               f"{model_lib.count(run.state.params['denoiser']):,}",
                metrics_lib.parameter_table(run.state.params))
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
@@ -408,7 +369,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   t0 = time.time()
   compiled = step_fn.lower(state, first_batch, base_key).compile()
   compile_s = time.time() - t0
-  fwd = flops_lib.config_forward_flops(c)
+  fwd = flops_lib.config_forward_flops(c, token_input=run.objective.token_input)
   fwd_xla = flops_lib.xla_forward_flops(run.objective, run.state.params, c.data.seq_len)
   analytic, analytic_no_sc = flops_lib.train_flops_per_step(
       fwd, batch=c.train.batch_size,
@@ -495,7 +456,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
                  prefix="val/")
     if jax.process_index() == 0:
       pngs = {}
-      if c.objective == "replaid":
+      if run.objective.learned_embeddings:
         ema = jax.device_get(state.ema_params)
         pngs["plots/gamma"] = plots.save_schedule_plot(
             ema, c.diffusion.schedule, paths.join(workdir, "plots", f"gamma_step{step_done}.png"), step_done)
@@ -559,7 +520,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   final = validate(step, final=True)
   final.update({
       "step": step, "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60,
-      "split": "validation", "data": corpus.info, "num_params": params_lib.count(state.params),
+      "split": "validation", "data": corpus.info, "num_params": model_lib.count(state.params),
       "forward_flops_per_sequence": fwd, "train_flops_per_step": analytic,
       "train_flops_per_step_no_selfcond": analytic_no_sc, "train_flops": analytic * step,
   })

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from replaid_jax.diffusion import elbo
+from replaid_jax.objectives import base as objectives_base
 
 
 @flax.struct.dataclass
@@ -80,7 +81,7 @@ def train_step(
     base_key: jax.Array,
     *,
     tx: optax.GradientTransformation,
-    objective: Any,
+    objective: objectives_base.Objective,
     grad_accum_steps: int,
     ema_decay: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
