@@ -372,12 +372,22 @@ def test_cli_errors_are_one_clear_line(trained, tmp_path):
       (["--config.sample.prefix=" + "the king is dead; long live the king. " * 20], "sample.prefix"),
       ([f"--config.sample.prefix_file={latin1}"], "not UTF-8"),
       (["--config.model.width=8"], "only --config.sample.KEY=VALUE overrides are accepted"),
-      (["--config.sample.bogus=1"], "unknown sample key(s) sample.bogus"),
+      (["--config.sample.bogus=1"], "unknown config key sample.bogus"),
+      (["--config.sample.stpes=8"], "unknown config key sample.stpes; did you mean sample.steps?"),
   ]
   for args, expected in cases:
     proc = _sample_cli(workdir, *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_is_short_and_lists_only_the_sample_keys():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "sample.py"), "--help"], capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+  lines = proc.stdout.splitlines()
+  assert len(lines) < 60, len(lines)
+  assert "  --config: Sampling settings" in proc.stdout and "steps=256" in proc.stdout and "  --workdir:" in proc.stdout
+  assert "model:" not in proc.stdout and "!!python" not in proc.stdout and "sample:\n" not in proc.stdout
 
 
 def test_prompt_layout_errors(trained):
