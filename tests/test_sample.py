@@ -347,7 +347,9 @@ def test_cli_end_to_end_with_prefix_and_suffix_clamped(trained):
   summary = json.loads(open(os.path.join(workdir, "samples", "step1.summary.json"), encoding="utf-8").read())
   assert summary["target_match_rate"] == 1.0 and summary["timing"]["batch_size"] in (2, 8)  # 1 or 8 devices
   assert "sample 1 of 3 (noise stream 0," in proc.stdout and "3 samples (seed 0)" in proc.stdout
-  assert "8/8 steps" in proc.stderr
+  # The progress line over all batches' sampler steps (replaid_jax/progress.py).
+  assert re.search(r"sampling: (\d+)/\1 steps \(100%\), [\d.,e+-]+ steps/s, ETA \d+:\d\d:\d\d \(batch", proc.stderr)
+  assert "sampling: 0/" in proc.stderr and "compiling…" in proc.stderr
   assert not re.search("[\x00-\x08\x0b-\x1f\x7f\ufffd]", proc.stdout)  # printed text is escaped
   # The same command gives the same tokens.
   judge = {}

@@ -39,6 +39,7 @@ from replaid_jax.models import embedding
 from replaid_jax import inference
 from replaid_jax import objectives
 from replaid_jax import paths
+from replaid_jax import progress as progress_lib
 from replaid_jax.sample import prompts
 from replaid_jax.sample import quality
 
@@ -70,26 +71,32 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
 
 
 class ProgressBar:
-  """A one-line progress bar on stderr, fed from the device by the sampler loop."""
+  """The progress line (replaid_jax/progress.py) over the sampler steps of all batches, redrawn in place on
+  stderr and fed from the device by the sampler loop. Its rate and ETA count from the first report, which comes
+  after the compilation."""
 
-  def __init__(self, num_batches: int, enabled: bool = True, width: int = 30):
-    self.num_batches, self.enabled, self.width = num_batches, enabled, width
-    self.batch, self.start = 0, time.time()
+  def __init__(self, num_batches: int, steps: int, enabled: bool = True, clock=time.monotonic):
+    self.num_batches, self.steps, self.enabled = num_batches, steps, enabled
+    self.batch, self.width = 0, 0
+    self.progress = progress_lib.Progress(num_batches * steps, unit="steps", label="sampling", clock=clock)
+
+  def _show(self, text: str, end: str = "") -> None:
+    sys.stderr.write("\r" + text.ljust(self.width) + end)
+    sys.stderr.flush()
+    self.width = 0 if end else len(text)
 
   def begin(self, batch: int) -> None:
-    self.batch, self.start = batch, time.time()
+    self.batch = batch
+    if self.enabled and batch == 0:
+      self._show(f"{self.progress.line()} (batch 1/{self.num_batches})")
 
   def __call__(self, done, total) -> None:
     if not self.enabled:
       return
     done, total = int(done), int(total)
-    fill = self.width * done // max(total, 1)
-    rate = done / max(time.time() - self.start, 1e-9)
-    sys.stderr.write(f"\rbatch {self.batch + 1}/{self.num_batches} [{'#' * fill}{'.' * (self.width - fill)}] "
-                     f"{done}/{total} steps, {rate:.1f} steps/s")
-    if done == total:
-      sys.stderr.write("\n")
-    sys.stderr.flush()
+    self.progress.update(self.batch * self.steps + done * self.steps // max(total, 1))
+    last = done == total and self.batch + 1 == self.num_batches
+    self._show(f"{self.progress.line()} (batch {self.batch + 1}/{self.num_batches})", "\n" if last else "")
 
 
 def _settings_record(s, seq_len: int, objective: str = "replaid") -> dict:
@@ -199,7 +206,8 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   shard = lambda ndim: sharding_lib.batch_sharding(mesh, c.mesh.rules, ndim)
   put = lambda x: jax.device_put(x, shard(x.ndim))
   num_batches = math.ceil(s.num_samples / batch)
-  bar = ProgressBar(num_batches, enabled=s.progress and jax.process_index() == 0)
+  bar = ProgressBar(num_batches, s.steps,  # RePlaid's sampler reports its steps; the baselines' do not
+                    enabled=s.progress and jax.process_index() == 0 and c.objective == "replaid")
   key = jax.random.key(s.seed)
   if c.objective == "replaid":
     cond = jax.tree.map(put, layout.batch(batch))
