@@ -37,6 +37,7 @@ from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
 from replaid_jax import inference
+from replaid_jax import metrics as metrics_lib
 from replaid_jax import objectives
 from replaid_jax import paths
 from replaid_jax import progress as progress_lib
@@ -302,7 +303,25 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
     shown = [tokenizer_lib.display_text(tok, row) if tok is not None else " ".join(map(str, row.tolist()))
              for row in tokens]
     _print(rows, shown, summary, s.print_samples)
+    write_tensorboard(workdir, step, path, shown, summary)
   return summary
+
+
+def write_tensorboard(workdir: str, step: int, path: str, shown_text: list[str], summary: dict) -> None:
+  """The samples as TensorBoard text in the run's <workdir>/train, beside the training-time samples: tags
+  `sampled/<file name>/<index>` at the checkpoint's step, each with its settings."""
+  stem = os.path.basename(path)[:-len(".jsonl")]
+  st = summary["sampler"]
+  head = (f"{st['sampler']}, {st['steps']} steps ({st['time_grid']} grid), score_temp {st['score_temp']}, "
+          f"seed {summary['seed']}")
+  writer = metrics_lib.MetricWriter(paths.join(workdir, "train"))
+  try:
+    for i, text in enumerate(shown_text):
+      writer.write_text(f"sampled/{stem}/{i}", f"{head}, noise stream {i}\n\n{text}", step)
+  finally:
+    writer.close()
+  logging.info("samples also in TensorBoard (text tab, sampled/%s): tensorboard --logdir %s", stem,
+               paths.join(workdir, "train"))
 
 
 def _print(rows: list[dict], shown_text: list[str], summary: dict, limit: int) -> None:
