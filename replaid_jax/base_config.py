@@ -97,9 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
   t.num_steps = 1000  # optimizer steps (ignored when max_minutes ends the run first)
   t.max_minutes = 0.0  # wall-clock budget in minutes, 0 for none; the run ends with a final eval
-  # >0: size the run to this many minutes from its start: after compiling, time a few steps (on a copy of the
-  # state) and set num_steps, and the learning-rate schedule with it, to the steps that fit (num_steps at most;
-  # 15% kept back for evaluations and checkpoints). The decided count is logged and saved (train/config.json,
+  # >0: size the run to this many minutes from its start: measure the speed over its first real steps (up to 20,
+  # while they are optim.warmup_steps, whose learning rate does not depend on the run's length; with a shorter
+  # warm-up, time the compiled step on a copy of the state) and set num_steps, and the learning-rate schedule with
+  # it, to the steps that fit (num_steps at most; 20% kept back for evaluations and checkpoints). The decided count is logged and saved (train/config.json,
   # checkpoint metadata "sizing"); a resumed run keeps it. 0: num_steps as given.
   t.size_to_minutes = 0.0
   t.log_every = 10  # steps between metric logs
@@ -148,7 +149,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.judge = ""  # generative-perplexity judge: "gpt2:DIR" (local Hugging Face GPT-2 directory) or "" for none
   s.judge_batch_size = 8  # judge sequences per forward pass
   s.print_samples = 8  # samples printed to the console (-1: all)
-  s.progress = True  # progress bar over the sampler steps on stderr
+  s.progress = True  # progress line (replaid_jax/progress.py) over the sampler steps, on stderr
 
   # ---- checkpoints.
   k = c.checkpoint = ml_collections.ConfigDict()

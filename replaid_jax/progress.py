@@ -89,7 +89,8 @@ class Progress:
     """'LABEL: DONE/TOTAL UNIT (P%), RATE UNIT/s, ETA H:MM:SS'; `done` updates the count shown (not the rate)."""
     done = self.done if done is None else done
     pct = 100.0 * done / self.total if self.total else 100.0
-    text = f"{self.label + ': ' if self.label else ''}{self._count(done)}/{self._count(self.total)} {self.unit} ({pct:.0f}%)"
+    head = f"{self.label}: " if self.label else ""
+    text = f"{head}{self._count(done)}/{self._count(self.total)} {self.unit} ({pct:.0f}%)"
     rate = self.rate()
     if rate is not None:
       text += f", {_rate_text(rate / self.scale)} {self.unit}/s, ETA {format_eta(self.eta_seconds(now))}"

@@ -352,9 +352,11 @@ def test_cli_end_to_end_with_prefix_and_suffix_clamped(trained):
   assert re.search(r"sampling: (\d+)/\1 steps \(100%\), [\d.,e+-]+ steps/s, ETA \d+:\d\d:\d\d \(batch", proc.stderr)
   assert "sampling: 0/" in proc.stderr and "compiling…" in proc.stderr
   # The samples as TensorBoard text in the run's workdir, at the checkpoint's step, beside the training-time ones.
-  texts = {v.tag.removesuffix("/text_summary"): (e.step, v.tensor.string_val[0].decode()) for name in os.listdir(os.path.join(workdir, "train"))
-           if name.startswith("events.out.tfevents") for e in read_events(pathlib.Path(workdir, "train", name))
-           for v in e.summary.value if v.metadata.plugin_data.plugin_name == "text"}
+  train_dir = pathlib.Path(workdir, "train")
+  texts = {v.tag.removesuffix("/text_summary"): (e.step, v.tensor.string_val[0].decode())
+           for name in os.listdir(train_dir) if name.startswith("events.out.tfevents")
+           for e in read_events(train_dir / name) for v in e.summary.value
+           if v.metadata.plugin_data.plugin_name == "text"}
   assert {f"sampled/step1/{i}" for i in range(3)} <= set(texts)
   step, text = texts["sampled/step1/0"]
   assert step == 1 and "dpm2m, 8 steps" in text and "noise stream 0" in text and "ROMEO:" in text

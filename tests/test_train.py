@@ -208,6 +208,23 @@ def test_sized_step_count_fits_the_time_left_less_the_reserve():
   assert loop.sized_num_steps(2.0, 600.0, 1500) == int(2.0 * 600.0 * (1 - loop.SIZE_RESERVE))  # 1,020
   assert loop.sized_num_steps(5.0, 600.0, 1500) == 1500  # train.num_steps is the most it takes
   assert loop.sized_num_steps(2.0, -10.0, 1500) == 0
+  assert loop.sized_num_steps(2.0, 600.0, 1500, done=20) == 20 + 960 and loop.sized_num_steps(2.0, 0.0, 1500, 20) == 20
+
+
+def test_timing_the_compiled_step_leaves_the_state_as_it_was():
+  cd = _tiny_config(**{"mesh.shape": (1, 1, 1)})
+  corpus = _synthetic_corpus()
+  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = loop.build(c, corpus, devices=jax.devices()[:1])
+  batch = loop.global_batch(run, {"tokens": corpus.train[:8]})
+  key = jax.random.key(c.seed)
+  compiled = loop.compile_step(run).lower(run.state, batch, key).compile()
+  before = jax.device_get(run.state.params)
+  rate = loop.time_train_step(run, compiled, run.state, batch, key, min_steps=2, min_seconds=0.0)
+  assert rate > 0 and int(run.state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state.params), before)
+  shorter = loop.with_num_steps(run, 3)
+  assert shorter.config.train.num_steps == 3 and shorter.tx is not run.tx and loop.with_num_steps(run, 4) is run
 
 
 def _metric_rows(workdir):
@@ -226,7 +243,9 @@ def test_a_sized_run_completes_the_schedule_it_decided(tmp_path):
   sizing = meta["sizing"]
   n = sizing["num_steps"]
   assert sizing["steps_per_second"] == 0.02 and not sizing["measured"] and sizing["cap"] == 50
-  assert n == int(0.02 * sizing["seconds_left"] * (1 - loop.SIZE_RESERVE)) and 2 < n < 50
+  # Decided after step 2, the end of the warm-up (optim.warmup_steps=2), from the time left then.
+  assert sizing["decided_at_step"] == 2
+  assert n == 2 + int(0.02 * sizing["seconds_left"] * (1 - loop.SIZE_RESERVE)) and 2 < n < 50
   assert meta["config"]["train"]["num_steps"] == n and meta["config"]["train"]["size_to_minutes"] == 10.0
   ckpt = ckpt_lib.Checkpointer(a)
   try:
@@ -255,7 +274,8 @@ def test_a_sized_run_completes_the_schedule_it_decided(tmp_path):
   assert loss(a) == loss(b) == loss(measured)
   # A budget that fits no more than the warm-up is refused with what to change.
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
-  with pytest.raises(errors.ConfigError, match=r"train.size_to_minutes=10: at the measured 0.0001 steps/s only 0 "):
+  with pytest.raises(errors.ConfigError,
+                     match=r"train.size_to_minutes=10: at the measured 0.0001 steps/s only 2 steps fit "):
     loop.train_and_evaluate(_tiny_config(**sized), str(tmp_path / "short"), steps_per_second=1e-4)
 
 

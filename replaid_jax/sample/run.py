@@ -6,12 +6,12 @@
      the `sample` section only);
   2. loads the checkpoint's tokenizer and checks it against the recorded sha256 and
      vocabulary, then tokenises the prompts and words (sample.prefix, ...);
-  3. samples in batches sharded over the mesh's batch axes, with a progress bar;
+  3. samples in batches sharded over the mesh's batch axes, with a progress line (replaid_jax/progress.py);
   4. writes <workdir>/samples/step<N>.jsonl, or step<N>_2.jsonl, ... when that exists, or
      --output (one row per sample: text, tokens, seed,
      sampler settings, checkpoint step, unigram entropy, conditioning figures) and
      <same name>.summary.json (means, generative perplexity if sample.judge is set, timing),
-     and prints the samples.
+     prints the samples and adds them as TensorBoard text to <workdir>/train.
 """
 
 import json

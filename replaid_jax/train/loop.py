@@ -8,9 +8,10 @@
      differences are listed, and those that change the model, data or objective
      refused), else starts from scratch (a resumed run continues the data order
      and random stream exactly where they stopped);
-  4. with train.size_to_minutes (fresh runs only), times the compiled step and
-     sets train.num_steps, and the learning-rate schedule with it, to the steps
-     that fit the budget (`size_run`; a resumed run keeps the decided count);
+  4. with train.size_to_minutes, measures the speed over the first warm-up steps
+     (or times the compiled step on a copy of the state) and sets
+     train.num_steps, and the learning-rate schedule with it, to the steps that
+     fit the budget (`size_run`; a resumed run keeps the decided count);
      trains, logging progress (replaid_jax/progress.py), metrics and throughput,
      evaluating and checkpointing
      on schedule, until `train.num_steps` or `train.max_minutes`; a preemption
@@ -31,6 +32,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -423,13 +425,16 @@ def _track_nonfinite(count, first, flag, step):
 
 
 # Share of the time left after setup that a sized run keeps back for evaluations, checkpoints and data loading.
-SIZE_RESERVE = 0.15
+SIZE_RESERVE = 0.2
+# A sized run measures its speed over its first real steps, up to this many, while they are warm-up steps (whose
+# learning rate does not depend on the schedule's length); with a shorter warm-up it times a copy of the state.
+SIZE_MEASURE_STEPS = 20
 
 
-def sized_num_steps(steps_per_second: float, seconds_left: float, cap: int) -> int:
-  """The steps of a run sized to its budget: those that fit `seconds_left` at the measured speed, less
-  SIZE_RESERVE, and at most `cap` (train.num_steps)."""
-  return max(0, min(cap, int(steps_per_second * seconds_left * (1.0 - SIZE_RESERVE))))
+def sized_num_steps(steps_per_second: float, seconds_left: float, cap: int, done: int = 0) -> int:
+  """The steps of a run sized to its budget: the `done` ones and those that fit `seconds_left` at the measured
+  speed, less SIZE_RESERVE; at most `cap` (train.num_steps)."""
+  return min(cap, done + max(0, int(steps_per_second * seconds_left * (1.0 - SIZE_RESERVE))))
 
 
 def with_num_steps(run: Run, num_steps: int) -> Run:
@@ -445,8 +450,8 @@ def with_num_steps(run: Run, num_steps: int) -> Run:
   return dataclasses.replace(run, config=c, tx=tx)
 
 
-def time_train_step(run: Run, compiled, state, batch, key, *, min_steps: int = 3, min_seconds: float = 3.0,
-                    max_steps: int = 50) -> float:
+def time_train_step(run: Run, compiled, state, batch, key, *, min_steps: int = 3, min_seconds: float = 10.0,
+                    max_steps: int = 200) -> float:
   """Steps/s of the compiled train step on a copy of `state` (the run's own state is left as it is).
 
   One untimed step first (its first execution), then at least `min_steps` steps and `min_seconds`.
@@ -462,33 +467,35 @@ def time_train_step(run: Run, compiled, state, batch, key, *, min_steps: int = 3
   return n / max(time.monotonic() - t0, 1e-9)
 
 
-def size_run(run: Run, compiled, state, batch, key, *, t_start: float, compile_s: float,
-             steps_per_second: float | None = None) -> tuple[Run, dict]:
-  """Sets train.num_steps (and the schedule) to what fits train.size_to_minutes at the measured speed.
+def size_run(run: Run, rate: float, *, done: int, t_start: float, compile_s: float, measured: bool
+             ) -> tuple[Run, dict]:
+  """Sets train.num_steps (and the schedule) to what fits train.size_to_minutes at `rate` steps/s, `done` steps
+  being trained already.
 
   The budget counts from the start of the run (tokenizer, data and compilation included); a new step count
   needs the step compiled again, which is charged to it at the first compilation's time. Returns the run and
   the record of the decision (saved with the checkpoints and in train/config.json).
   """
   c = run.config
-  rate = steps_per_second if steps_per_second is not None else time_train_step(run, compiled, state, batch, key)
   left = 60.0 * c.train.size_to_minutes - (time.time() - t_start)
-  steps = sized_num_steps(rate, left, c.train.num_steps)
+  if jax.process_count() > 1:  # every process takes process 0's figures, hence the same schedule
+    rate, left = (float(x) for x in multihost_utils.broadcast_one_to_all(np.array([rate, left], np.float64)))
+  steps = sized_num_steps(rate, left, c.train.num_steps, done)
   if steps < c.train.num_steps:  # a second compilation, for the new schedule, comes out of the budget
     left -= compile_s
-    steps = sized_num_steps(rate, left, c.train.num_steps)
+    steps = sized_num_steps(rate, left, c.train.num_steps, done)
   if steps <= c.optim.warmup_steps:
     raise errors.ConfigError(
         f"train.size_to_minutes={c.train.size_to_minutes:g}: at the measured {rate:.3g} steps/s only {steps} "
         f"steps fit the {max(left, 0):.0f} s left after setup, no more than the warm-up (optim.warmup_steps="
         f"{c.optim.warmup_steps}); raise train.size_to_minutes, or set it to 0 and choose train.num_steps.")
-  record = {"num_steps": steps, "steps_per_second": rate, "seconds_left": left, "minutes": c.train.size_to_minutes,
-            "cap": c.train.num_steps, "reserve": SIZE_RESERVE,
-            "measured": steps_per_second is None}
-  logging.info("train.size_to_minutes=%g: %.3g steps/s measured after compilation, %.0f s left -> %d steps "
+  record = {"num_steps": steps, "steps_per_second": rate, "seconds_left": left, "decided_at_step": done,
+            "minutes": c.train.size_to_minutes, "cap": c.train.num_steps, "reserve": SIZE_RESERVE,
+            "measured": measured}
+  logging.info("train.size_to_minutes=%g: %.3g steps/s measured after compilation%s, %.0f s left -> %d steps "
                "(train.num_steps=%d at most; %.0f%% kept back for evaluations and checkpoints); the learning-rate "
-               "schedule spans them", c.train.size_to_minutes, rate, left, steps, c.train.num_steps,
-               100 * SIZE_RESERVE)
+               "schedule spans them", c.train.size_to_minutes, rate, f" over steps 2-{done}" if done else "", left,
+               steps, c.train.num_steps, 100 * SIZE_RESERVE)
   return with_num_steps(run, steps), record
 
 
@@ -503,21 +510,6 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   t0 = time.time()
   compiled = step_fn.lower(state, first_batch, base_key).compile()
   compile_s = time.time() - t0
-  if c.train.size_to_minutes > 0 and latest is None:
-    run, sizing = size_run(run, compiled, state, first_batch, base_key, t_start=t_start, compile_s=compile_s,
-                           steps_per_second=steps_per_second)
-    if run.config is not c:
-      c = run.config
-      t0 = time.time()
-      compiled = compile_step(run).lower(state, first_batch, base_key).compile()
-      logging.info("compiled the train step again for the %d-step schedule in %.1fs", c.train.num_steps,
-                   time.time() - t0)
-    meta["config"]["train"]["num_steps"], meta["sizing"] = c.train.num_steps, sizing
-    writer.write(start_step, {"num_steps": c.train.num_steps, "steps_per_second": sizing["steps_per_second"],
-                              "seconds_left": sizing["seconds_left"]}, prefix="sizing/", console=False)
-  if latest is None:
-    writer.write_json("config.json", meta)
-  writer.write_hparams(meta["config"], ("val/nats_per_token", "val/ratio_to_unigram", "train/loss"))
   fwd = flops_lib.config_forward_flops(c)
   fwd_xla = flops_lib.xla_forward_flops(run.objective, run.state.params, c.data.seq_len)
   analytic, analytic_no_sc = flops_lib.train_flops_per_step(
@@ -537,6 +529,38 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
                                  "flops_per_step_analytic": analytic, "flops_per_step_analytic_no_selfcond":
                                  analytic_no_sc, "flops_per_step_xla_scan_once": step_xla or 0.0,
                                  "peak_flops": peak, "compile_seconds": compile_s}, prefix="setup/")
+
+  def apply_sizing(decided: Run, sizing: dict) -> None:
+    """Takes the sized run: its config, a step compiled for its schedule, and the record of the decision."""
+    nonlocal run, c, compiled
+    if decided.config is not c:
+      run, c = decided, decided.config
+      t0 = time.time()
+      compiled = compile_step(run).lower(state, first_batch, base_key).compile()
+      logging.info("compiled the train step again for the %d-step schedule in %.1fs", c.train.num_steps,
+                   time.time() - t0)
+    meta["config"]["train"]["num_steps"], meta["sizing"] = c.train.num_steps, sizing
+    writer.write(sizing["decided_at_step"], {"num_steps": c.train.num_steps, "steps_per_second":
+                                             sizing["steps_per_second"], "seconds_left": sizing["seconds_left"]},
+                 prefix="sizing/", console=False)
+    writer.write_json("config.json", meta)
+
+  # train.size_to_minutes: measured on the first real steps while they are warm-up steps, else on a copy now.
+  size_at = None
+  if c.train.size_to_minutes > 0 and "sizing" not in meta:
+    measure_to = min(c.optim.warmup_steps, SIZE_MEASURE_STEPS)
+    if start_step + 2 <= measure_to:
+      size_at = measure_to
+    elif latest is None:  # after all the setup, which the budget includes
+      rate = steps_per_second or time_train_step(run, compiled, state, first_batch, base_key)
+      apply_sizing(*size_run(run, rate, done=0, t_start=t_start, compile_s=compile_s,
+                             measured=steps_per_second is None))
+    else:
+      logging.warning("train.size_to_minutes=%g is not applied: this run started without it and is past its "
+                      "warm-up; it keeps train.num_steps=%d", c.train.size_to_minutes, c.train.num_steps)
+  if latest is None:
+    writer.write_json("config.json", meta)
+  writer.write_hparams(meta["config"], ("val/nats_per_token", "val/ratio_to_unigram", "train/loss"))
 
   evaluator = _Evaluator(run)
   eval_key = jax.random.fold_in(base_key, 2**31 - 1)
@@ -636,6 +660,14 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     if step == start_step + 1:  # the rate and ETA are measured from the end of the first step on
       jax.block_until_ready(state)
       progress.update(step)
+      t_first = time.monotonic()
+    if step == size_at:
+      jax.block_until_ready(state)
+      rate = steps_per_second or (step - start_step - 1) / max(time.monotonic() - t_first, 1e-9)
+      apply_sizing(*size_run(run, rate, done=step, t_start=t_start, compile_s=compile_s,
+                             measured=steps_per_second is None))
+      progress.total = c.train.num_steps
+      stop_at = c.train.num_steps if stop_after is None else min(c.train.num_steps, start_step + stop_after)
     nonfinite["count"], nonfinite["first"] = _track_nonfinite(nonfinite["count"], nonfinite["first"],
                                                               m["nonfinite"], state.step)
     if pending is not None:
