@@ -566,9 +566,10 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   eval_key = jax.random.fold_in(base_key, 2**31 - 1)
   deadline = t_start + 60 * c.train.max_minutes if c.train.max_minutes > 0 else None
   out_of_time = lambda: deadline is not None and time.time() >= deadline
-  progress = progress_lib.Progress(
+  new_progress = lambda: progress_lib.Progress(
       c.train.num_steps, unit="steps", label="train", start=start_step,
       deadline=None if deadline is None else time.monotonic() + deadline - time.time())
+  progress = new_progress()
   tokens_per_step = c.train.batch_size * c.data.seq_len
   last_eval_time = time.time()
   batch = first_batch
@@ -666,7 +667,8 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
       rate = steps_per_second or (step - start_step - 1) / max(time.monotonic() - t_first, 1e-9)
       apply_sizing(*size_run(run, rate, done=step, t_start=t_start, compile_s=compile_s,
                              measured=steps_per_second is None))
-      progress.total = c.train.num_steps
+      progress = new_progress()  # measured again from here: the rate leaves out the second compilation too
+      progress.update(step)
       stop_at = c.train.num_steps if stop_after is None else min(c.train.num_steps, start_step + stop_after)
     nonfinite["count"], nonfinite["first"] = _track_nonfinite(nonfinite["count"], nonfinite["first"],
                                                               m["nonfinite"], state.step)
