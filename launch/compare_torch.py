@@ -169,6 +169,11 @@ def shape_of(c, vocab: int) -> dict:
           "gamma_0": d.gamma_0, "gamma_1": d.gamma_1, "selfcond_fraction": d.selfcond_fraction}
 
 
+def _count(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
 def _time(fn, steps: int) -> float:
   """Median seconds per call of `fn(i)` over `steps` calls."""
   times = []
@@ -186,7 +191,6 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
 
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
   from replaid_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from replaid_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   if cd.objective != "replaid":
@@ -235,8 +239,7 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
       "jax_matmul_fraction_median": statistics.median(r["jax_matmul_fraction"] for r in rows),
       "matmul_flops_per_s": matmul, "flops_per_step_analytic": per_step,
       "params": {"torch": sum(p.numel() for p in torch_module.parameters()),
-                 "replaid_jax": params_lib.count(run_.state.params),
-                 "replaid_jax_denoiser": params_lib.count(run_.state.params["denoiser"])}, "torch_threads": torch.get_num_threads(),
+                 "replaid_jax": _count(run_.state.params), "replaid_jax_denoiser": _count(run_.state.params["denoiser"])}, "torch_threads": torch.get_num_threads(),
       "torch_version": torch.__version__, "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
       "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

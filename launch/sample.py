@@ -13,42 +13,20 @@ the matching .summary.json; every sample key is described in replaid_jax/base_co
 section can be overridden.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import ml_collections
 
 from replaid_jax import base_config as base
 from replaid_jax import cli
 from replaid_jax.sample import run
 
 
-def _define_config():
-  """The --config.sample.* flags; a bad override ends here with one line (they are parsed at definition)."""
-  defaults = base.get_base_config().sample
-  try:
-    return config_flags.DEFINE_config_dict(
-        "config", ml_collections.ConfigDict({"sample": defaults}),
-        "Sampling settings: only --config.sample.KEY=VALUE overrides are read.", lock_config=True)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    names = [a.split("=", 1)[0][2:] for a in sys.argv[1:] if a.startswith("--config.")]
-    others = [n for n in names if not n.startswith("config.sample.")]
-    unknown = [n for n in names if n.startswith("config.sample.") and n[len("config.sample."):] not in defaults]
-    if others:
-      problem = (f"only --config.sample.KEY=VALUE overrides are accepted, not --{', --'.join(others)} (the other "
-                 "sections come from the checkpoint)")
-    elif unknown:
-      problem = f"unknown sample key(s) {', '.join(n[len('config.'):] for n in unknown)}"
-    else:
-      problem = f"bad --config.sample override ({e})"
-    print(f"error: {problem}; the sample keys are described in replaid_jax/base_config.py.", file=sys.stderr)
-    sys.exit(2)
-
-
-_CONFIG = _define_config()
+_CONFIG = cli.define_section_config(
+    "sample", base.get_base_config().sample, "Sampling settings",
+    "the model, diffusion, data and mesh sections come from the checkpoint's saved config")
+flags.declare_key_flag("config")  # listed by --help with this binary's flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the latest).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the samples to this new .jsonl file (default: "

@@ -97,6 +97,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
   t.num_steps = 1000  # optimizer steps (ignored when max_minutes ends the run first)
   t.max_minutes = 0.0  # wall-clock budget in minutes, 0 for none; the run ends with a final eval
+  # train.size_to_minutes measures the speed over the run's first real steps (up to 20, while they are warm-up steps,
+  # whose learning rate does not depend on the run's length; with a shorter warm-up it times the compiled step on a
+  # copy of the state) and sets num_steps, and the learning-rate schedule with it, to the steps that fit (num_steps
+  # at most; 20% kept back for evaluations and checkpoints). The decision is logged and saved (train/config.json,
+  # checkpoint metadata "sizing"); a resumed run keeps it.
+  t.size_to_minutes = 0.0  # >0: size the run to this many minutes from its start (see above); 0: num_steps as given
   t.log_every = 10  # steps between metric logs
   t.eval_every = 250  # steps between in-loop validation bounds (0: only at the end)
   t.eval_every_minutes = 0.0  # also evaluate every so many minutes (0: off)
@@ -143,7 +149,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.judge = ""  # generative-perplexity judge: "gpt2:DIR" (local Hugging Face GPT-2 directory) or "" for none
   s.judge_batch_size = 8  # judge sequences per forward pass
   s.print_samples = 8  # samples printed to the console (-1: all)
-  s.progress = True  # progress bar over the sampler steps on stderr
+  s.progress = True  # progress line (replaid_jax/progress.py) over the sampler steps, on stderr
 
   # ---- checkpoints.
   k = c.checkpoint = ml_collections.ConfigDict()

@@ -105,6 +105,7 @@ class TrainConfig:
   grad_accum_steps: int
   num_steps: int
   max_minutes: float
+  size_to_minutes: float
   log_every: int
   eval_every: int
   eval_every_minutes: float
@@ -199,7 +200,7 @@ def _positive(key: str, value: float) -> None:
 # Every count and interval, with its smallest valid value (0 means "off" or "whole split" where allowed).
 MINIMUMS = {
     "train.num_steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.max_minutes": 0,
-    "train.eval_every_minutes": 0, "train.peak_flops": 0, "train.skip_nonfinite_steps": 0,
+    "train.size_to_minutes": 0, "train.eval_every_minutes": 0, "train.peak_flops": 0, "train.skip_nonfinite_steps": 0,
     "checkpoint.every_steps": 0, "checkpoint.keep": 1,
     "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.ema_decay": 0, "optim.weight_decay": 0,
     "optim.embedding_lr": 0, "optim.schedule_lr": 0, "optim.bounds_lr": 0,

@@ -31,6 +31,11 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def console_text(scalars: Mapping[str, Any], prefix: str = "") -> str:
+  """'loss=4.123  lr=0.002 ...': scalars as the console shows them (4 significant digits)."""
+  return "  ".join(f"{prefix}{k}={_fmt(_plain(v))}" for k, v in scalars.items())
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """{"model": {"width": 32}} -> {"model.width": 32}."""
   out = {}
@@ -103,7 +108,7 @@ class MetricWriter:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(f"{prefix}{k}", v, step)
     if console:
-      logging.info("[%d] %s", step, "  ".join(f"{prefix}{k}={_fmt(v)}" for k, v in row.items()))
+      logging.info("[%d] %s", step, console_text(row, prefix))
 
   def _flush_remote(self) -> None:
     paths.write_text_atomic(paths.join(self.directory, "metrics.jsonl"), "".join(self._remote_rows))
@@ -179,42 +184,3 @@ def _read_rows(path: str, up_to_step: int | None) -> list[str]:
       if isinstance(row, dict) and (up_to_step is None or int(row.get("step", 0)) <= up_to_step):
         kept.append(line if line.endswith("\n") else line + "\n")
   return kept
-
-
-class Progress:
-  """Steps/s and ETA over a bounded run (by steps and optionally by minutes)."""
-
-  def __init__(self, first_step: int, last_step: int, max_minutes: float = 0.0):
-    self.first, self.last = first_step, last_step
-    self.max_seconds = max_minutes * 60.0
-    self.start = time.time()
-    self._mark_t, self._mark_step = self.start, first_step
-
-  def elapsed(self) -> float:
-    return time.time() - self.start
-
-  def rate(self, step: int) -> float:
-    """Steps/s since the previous call."""
-    now = time.time()
-    r = (step - self._mark_step) / max(now - self._mark_t, 1e-9)
-    self._mark_t, self._mark_step = now, step
-    return r
-
-  def eta_seconds(self, step: int) -> float:
-    done = step - self.first
-    if done <= 0:
-      return float("nan")
-    by_steps = (self.last - step) * self.elapsed() / done
-    if self.max_seconds:
-      return min(by_steps, max(self.max_seconds - self.elapsed(), 0.0))
-    return by_steps
-
-  def out_of_time(self) -> bool:
-    return bool(self.max_seconds) and self.elapsed() >= self.max_seconds
-
-
-def format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -48,6 +48,18 @@ def npy_cli_args(directory) -> list[str]:
           "--config.data.val_plays=", "--config.eval.num_samples=0", "--config.eval.final_num_times=0"]
 
 
+def read_events(path):
+  """The Event records of a TensorBoard event file (TFRecord framing: length, its CRC, payload, its CRC)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  data, events, pos = path.read_bytes(), [], 0
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return events
+
+
 def perturbed_params(key, model_cfg=TINY_MODEL, scale=0.3):
   """Init params with every zero-initialised weight made non-zero, so every path carries signal."""
   params, _ = model_lib.init(key, model_cfg, gamma_0=-3.0, gamma_1=6.0)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import grain
 import numpy as np
@@ -193,10 +194,14 @@ def test_tokenizer_cache_reuse(corpus, monkeypatch):
   assert os.path.basename(tok.path).startswith("spm_unigram_512_")
 
 
-def test_tokenizer_cache_key_and_atomic_write(tmp_path):
+def test_tokenizer_cache_key_and_atomic_write(tmp_path, caplog):
   texts = [sources.shakespeare_plays()["macbeth"]]
+  caplog.set_level("INFO")
   a = tokenizer_lib.train_or_load_tokenizer(texts, vocab_size=400, model_type="bpe",
                                             cache_dir=str(tmp_path))
+  said = [r.getMessage() for r in caplog.records]  # training says that it runs, then how long it took
+  assert any(m.startswith("training a SentencePiece tokenizer (bpe, 400 pieces)") for m in said)
+  assert any(re.fullmatch(r"trained the tokenizer in \d+\.\ds", m) for m in said)
   b = tokenizer_lib.train_or_load_tokenizer(texts, vocab_size=420, model_type="bpe",
                                             cache_dir=str(tmp_path))
   c = tokenizer_lib.train_or_load_tokenizer(texts + ["more"], vocab_size=400,

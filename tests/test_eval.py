@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -450,6 +451,11 @@ def test_end_to_end_through_the_eval_binary(run_copy):
   proc = _eval_cli(f"--workdir={run_copy}", "--curves", "--geometry", "--config.eval.curve_points=5",
                    "--config.eval.curve_max_sequences=16")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The progress lines (replaid_jax/progress.py): the first unit has no ETA yet (it carries the compilation).
+  assert re.search(r"\] bound [^:\n]+ step 4: 1/(\d+) batches \(\d+%\)(, [\d,]+ tokens/s)?\n", proc.stderr)
+  assert re.search(r"\] bound [^:\n]+ step 4: (\d+)/\1 batches \(100%\)", proc.stderr)
+  assert re.search(r"\] curves [^:\n]+ step 4: 5/5 grid points \(100%\), [\d.,]+ grid points/s, ETA 0:00:00",
+                   proc.stderr)
   out = run_copy / "eval"
   res = json.loads((out / "validation_validation_step4.json").read_text())
   final = json.loads((out / "final.json").read_text())  # the training loop's own evaluation

@@ -128,7 +128,8 @@ def test_two_processes_train_like_one_process_with_two_devices(runs):
   assert "process 0 of 2, 1 local / 2 global device(s)" in runs["two_logs"][0]
   assert "1 process(es), 2 device(s)" in runs["one_logs"][0]
   # Process 1 logs warnings only, and process 0 alone writes metrics.
-  assert "[3] train/" not in runs["two_logs"][1] and "compiled train step" not in runs["two_logs"][1]
+  assert "train: 3/5 steps" in runs["two_logs"][0]
+  assert "train: 3/5 steps" not in runs["two_logs"][1] and "compiled train step" not in runs["two_logs"][1]
   two, one = _losses(runs["two"]), _losses(runs["one"])
   assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5]
   loss_diff = max(abs(two[s] - one[s]) for s in one)

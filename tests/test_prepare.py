@@ -5,6 +5,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import subprocess
 import sys
 import tarfile
 
@@ -18,6 +20,8 @@ from replaid_jax.data import prepare
 from replaid_jax.data import sources
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.errors import DataError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _WORDS = ("the of and to in is was that for on with as by at from his her it an be this which"
           " river stone garden light window morning quiet letter north harbour song").split()
@@ -112,6 +116,21 @@ def test_text_files_match_in_memory_packing(tmp_path, spm_path):
   expected, _ = _expected(whole, tok, val_fraction=0.2, seq_len=16)
   np.testing.assert_array_equal(arrayrecord.read_split(str(tmp_path / "whole"), "train")[0],
                                 expected["train"][0])
+
+
+def test_the_binary_reports_progress_in_the_common_words(tmp_path, spm_path):
+  docs = _documents(30, seed=4)
+  for i in range(3):
+    (tmp_path / f"doc{i}.txt").write_text("\n\n".join(docs[10 * i:10 * i + 10]))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "prepare_data.py"), f"--inputs={tmp_path / '*.txt'}",
+       f"--output_dir={tmp_path / 'out'}", f"--tokenizer={spm_path}", "--seq_len=16", "--split_paragraphs",
+       "--log_every_seconds=0", "--files_per_unit=1"], capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if "prepare: " in line]
+  assert lines and all(re.search(r"prepare: [\d.]+/[\d.]+ MB \(\d+%\)", line) for line in lines)
+  assert any(re.search(r"MB/s, ETA \d+:\d\d:\d\d read; [\d.]+ M chars/s, \d+ docs, \d+ tokens", line)
+             for line in lines)
 
 
 def test_jsonl_files_match_in_memory_packing(tmp_path, spm_path):

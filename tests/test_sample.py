@@ -9,6 +9,7 @@ sequences.
 import json
 import math
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from replaid_jax.sample import quality
 from replaid_jax.sample import run as run_lib
 from replaid_jax.train import loop
 
-from conftest import TINY_DIFFUSION, TINY_MODEL, perturbed_params
+from conftest import TINY_DIFFUSION, TINY_MODEL, perturbed_params, read_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -347,7 +348,18 @@ def test_cli_end_to_end_with_prefix_and_suffix_clamped(trained):
   summary = json.loads(open(os.path.join(workdir, "samples", "step1.summary.json"), encoding="utf-8").read())
   assert summary["target_match_rate"] == 1.0 and summary["timing"]["batch_size"] in (2, 8)  # 1 or 8 devices
   assert "sample 1 of 3 (noise stream 0," in proc.stdout and "3 samples (seed 0)" in proc.stdout
-  assert "8/8 steps" in proc.stderr
+  # The progress line over all batches' sampler steps (replaid_jax/progress.py).
+  assert re.search(r"sampling: (\d+)/\1 steps \(100%\), [\d.,e+-]+ steps/s, ETA \d+:\d\d:\d\d \(batch", proc.stderr)
+  assert "sampling: 0/" in proc.stderr and "compiling…" in proc.stderr
+  # The samples as TensorBoard text in the run's workdir, at the checkpoint's step, beside the training-time ones.
+  train_dir = pathlib.Path(workdir, "train")
+  texts = {v.tag.removesuffix("/text_summary"): (e.step, v.tensor.string_val[0].decode())
+           for name in os.listdir(train_dir) if name.startswith("events.out.tfevents")
+           for e in read_events(train_dir / name) for v in e.summary.value
+           if v.metadata.plugin_data.plugin_name == "text"}
+  assert {f"sampled/step1/{i}" for i in range(3)} <= set(texts)
+  step, text = texts["sampled/step1/0"]
+  assert step == 1 and "dpm2m, 8 steps" in text and "noise stream 0" in text and "ROMEO:" in text
   assert not re.search("[\x00-\x08\x0b-\x1f\x7f\ufffd]", proc.stdout)  # printed text is escaped
   # The same command gives the same tokens.
   judge = {}
@@ -372,12 +384,22 @@ def test_cli_errors_are_one_clear_line(trained, tmp_path):
       (["--config.sample.prefix=" + "the king is dead; long live the king. " * 20], "sample.prefix"),
       ([f"--config.sample.prefix_file={latin1}"], "not UTF-8"),
       (["--config.model.width=8"], "only --config.sample.KEY=VALUE overrides are accepted"),
-      (["--config.sample.bogus=1"], "unknown sample key(s) sample.bogus"),
+      (["--config.sample.bogus=1"], "unknown config key sample.bogus"),
+      (["--config.sample.stpes=8"], "unknown config key sample.stpes; did you mean sample.steps?"),
   ]
   for args, expected in cases:
     proc = _sample_cli(workdir, *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_is_short_and_lists_only_the_sample_keys():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "sample.py"), "--help"], capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+  lines = proc.stdout.splitlines()
+  assert len(lines) < 60, len(lines)
+  assert "  --config: Sampling settings" in proc.stdout and "steps=256" in proc.stdout and "  --workdir:" in proc.stdout
+  assert "model:" not in proc.stdout and "!!python" not in proc.stdout and "sample:\n" not in proc.stdout
 
 
 def test_prompt_layout_errors(trained):

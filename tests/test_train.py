@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from conftest import read_events
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax.data import pipeline
@@ -144,12 +144,16 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   samples = [json.loads(line) for line in (workdir / "samples" / "samples_step4.jsonl").read_text().splitlines()]
   assert len(samples) == 1 and len(samples[0]["tokens"]) == 32 and samples[0]["index"] == 0
   assert "validation bound at step 4" in proc.stderr
+  # Progress (replaid_jax/progress.py) leads each metric line: steps done of the total, rate and ETA first.
+  assert "train: 0/4 steps (0%), compiling…" in proc.stderr
+  assert re.search(r"\] train: 4/4 steps \(100%\), [\d.,]+ steps/s, ETA \d+:\d\d:\d\d \| loss=[\d.]+  lr=",
+                   proc.stderr)
   assert f"results: {workdir / 'eval' / 'final.json'}; plots: {workdir / 'plots'}" in proc.stderr
   assert re.search(r"Total: [\d,]+ parameters, [\d,]+ bytes\n", proc.stderr)
   assert not (workdir / "eval" / "metrics.jsonl").exists()  # nothing was written there
   # TensorBoard: the config as hparams, the plots as images, the samples as text, next to the scalars.
   events = [e for name in os.listdir(workdir / "train") if name.startswith("events.out.tfevents")
-            for e in _read_events(workdir / "train" / name)]
+            for e in read_events(workdir / "train" / name)]
   values = [v for e in events for v in e.summary.value]
   plugins = {v.metadata.plugin_data.plugin_name for v in values}
   assert {"hparams", "text"} <= plugins
@@ -159,17 +163,6 @@ def test_end_to_end_tiny_run_through_the_train_binary(tmp_path):
   assert {"plots/gamma", "plots/bound_vs_minutes", "plots/loss", "plots/noise_levels"} <= images
   assert any(v.tag.startswith("samples/") for v in values if v.metadata.plugin_data.plugin_name == "text")
   assert any(v.tag == "train/loss" for v in values)
-
-
-def _read_events(path):
-  """The Event records of a TensorBoard event file (TFRecord framing: length, its CRC, payload, its CRC)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  data, events, pos = path.read_bytes(), [], 0
-  while pos < len(data):
-    (length,) = struct.unpack("<Q", data[pos:pos + 8])
-    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
-    pos += 12 + length + 4
-  return events
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -227,3 +220,103 @@ def test_model_init_is_traced_once_for_shapes_and_once_for_values(monkeypatch):
   flops_lib.xla_forward_flops(run.objective, run.state.params, 32)
   inference.build_model(run.config, devices=jax.devices()[:1])
   assert len(traced) == 2
+
+
+# ---- train.size_to_minutes: the run sized to the speed measured after compilation.
+
+
+def test_sized_step_count_fits_the_time_left_less_the_reserve():
+  assert loop.sized_num_steps(2.0, 600.0, 1500) == int(2.0 * 600.0 * (1 - loop.SIZE_RESERVE))  # 1,020
+  assert loop.sized_num_steps(5.0, 600.0, 1500) == 1500  # train.num_steps is the most it takes
+  assert loop.sized_num_steps(2.0, -10.0, 1500) == 0
+  assert loop.sized_num_steps(2.0, 600.0, 1500, done=20) == 20 + 960 and loop.sized_num_steps(2.0, 0.0, 1500, 20) == 20
+
+
+def test_timing_the_compiled_step_leaves_the_state_as_it_was():
+  cd = _tiny_config(**{"mesh.shape": (1, 1, 1)})
+  corpus = _synthetic_corpus()
+  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = loop.build(c, corpus, devices=jax.devices()[:1])
+  batch = loop.global_batch(run, {"tokens": corpus.train[:8]})
+  key = jax.random.key(c.seed)
+  compiled = loop.compile_step(run).lower(run.state, batch, key).compile()
+  before = jax.device_get(run.state.params)
+  rate = loop.time_train_step(run, compiled, run.state, batch, key, min_steps=2, min_seconds=0.0)
+  assert rate > 0 and int(run.state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state.params), before)
+  shorter = loop.with_num_steps(run, 3)
+  assert shorter.config.train.num_steps == 3 and shorter.tx is not run.tx and loop.with_num_steps(run, 4) is run
+
+
+def _metric_rows(workdir):
+  with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_a_sized_run_completes_the_schedule_it_decided(tmp_path):
+  sized = {"train.size_to_minutes": 10.0, "train.num_steps": 50, "eval.final_num_times": 0, "eval.num_samples": 0}
+  # A forced speed of 0.02 steps/s leaves about 10 of the 50 steps in 10 minutes (less what setup took).
+  a = str(tmp_path / "sized")
+  out = loop.train_and_evaluate(_tiny_config(**sized), a, steps_per_second=0.02)
+  with open(os.path.join(a, "train", "config.json")) as f:
+    meta = json.load(f)
+  sizing = meta["sizing"]
+  n = sizing["num_steps"]
+  assert sizing["steps_per_second"] == 0.02 and not sizing["measured"] and sizing["cap"] == 50
+  # Decided after step 2, the end of the warm-up (optim.warmup_steps=2), from the time left then.
+  assert sizing["decided_at_step"] == 2
+  assert n == 2 + int(0.02 * sizing["seconds_left"] * (1 - loop.SIZE_RESERVE)) and 2 < n < 50
+  assert meta["config"]["train"]["num_steps"] == n and meta["config"]["train"]["size_to_minutes"] == 10.0
+  ckpt = ckpt_lib.Checkpointer(a)
+  try:
+    assert ckpt.latest_step() == n and ckpt.metadata(n)["sizing"] == sizing
+  finally:
+    ckpt.close()
+  rows = _metric_rows(a)
+  assert [r["sizing/num_steps"] for r in rows if "sizing/num_steps" in r] == [n]
+  train_rows = {r["step"]: r for r in rows if "train/loss" in r}
+  assert out["step"] == n and sorted(train_rows) == list(range(1, n + 1))  # the whole schedule ran
+  from replaid_jax.train import optim  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(_tiny_config())
+  schedule = optim.learning_rates(c.optim, total_steps=n)["backbone"]
+  assert train_rows[n]["train/lr"] == pytest.approx(float(schedule(n - 1)))
+  assert float(schedule(n)) == pytest.approx(c.optim.lr * c.optim.final_lr_fraction)  # decayed to its end
+  # The optimizer ran that schedule: the same losses as a run given num_steps=n, and as a sized run whose
+  # measured speed (on a copy of the state) lets it take them all.
+  b = str(tmp_path / "plain")
+  loop.train_and_evaluate(_tiny_config(**{**sized, "train.size_to_minutes": 0.0, "train.num_steps": n}), b)
+  measured = str(tmp_path / "measured")
+  loop.train_and_evaluate(_tiny_config(**{**sized, "train.size_to_minutes": 1000.0, "train.num_steps": n}), measured)
+  with open(os.path.join(measured, "train", "config.json")) as f:
+    timed = json.load(f)["sizing"]
+  assert timed["measured"] and timed["steps_per_second"] > 0 and timed["num_steps"] == n
+  loss = lambda w: {r["step"]: r["train/loss"] for r in _metric_rows(w) if "train/loss" in r}
+  assert loss(a) == loss(b) == loss(measured)
+  # A budget that fits no more than the warm-up is refused with what to change.
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError,
+                     match=r"train.size_to_minutes=10: at the measured 0.0001 steps/s only 2 steps fit "):
+    loop.train_and_evaluate(_tiny_config(**sized), str(tmp_path / "short"), steps_per_second=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resumed_sized_run_keeps_the_step_count_it_decided(tmp_path):
+  sized = {"train.size_to_minutes": 10.0, "train.num_steps": 50, "eval.final_num_times": 0, "eval.num_samples": 0}
+  workdir = str(tmp_path / "run")
+  first = loop.train_and_evaluate(_tiny_config(**sized), workdir, stop_after=3, steps_per_second=0.02)
+  with open(os.path.join(workdir, "train", "config.json")) as f:
+    n = json.load(f)["sizing"]["num_steps"]
+  assert first == {"step": 3, "stopped": True} and 3 < n < 50
+  # Resumed at a speed that would now fit all 50 steps: the run keeps its n-step schedule and ends there.
+  out = loop.train_and_evaluate(_tiny_config(**sized), workdir, steps_per_second=100.0)
+  assert out["step"] == n
+  rows = _metric_rows(workdir)
+  assert max(r["step"] for r in rows if "train/loss" in r) == n
+  assert [r["sizing/num_steps"] for r in rows if "sizing/num_steps" in r] == [n]  # decided once
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  try:
+    meta = ckpt.metadata(n)
+  finally:
+    ckpt.close()
+  assert meta["sizing"]["num_steps"] == meta["config"]["train"]["num_steps"] == n

@@ -225,6 +225,9 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
           notes.append(f"{steps} steps do not exceed optim.warmup_steps={cd.optim.warmup_steps}")
         if cd.train.max_minutes:
           notes.append(f"train.max_minutes={cd.train.max_minutes} may end the run before it spends its budget")
+        if cd.train.size_to_minutes:
+          notes.append(f"train.size_to_minutes={cd.train.size_to_minutes} may take fewer steps than the FLOP "
+                       "budget's")
         name = f"{spec['name']}-C{_budget_label(budget)}-{size}"
         workdir = os.path.join(out, "runs", name)
         command = ["python", "launch/train.py", f"--config={config_arg}:{size}", f"--workdir={workdir}",

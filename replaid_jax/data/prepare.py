@@ -45,6 +45,7 @@ from absl import logging
 import numpy as np
 
 from replaid_jax import paths
+from replaid_jax import progress as progress_lib
 from replaid_jax.data import sources
 from replaid_jax.errors import ConfigError, DataError
 
@@ -544,13 +545,6 @@ def _publish(local: str, remote: str, names: list[str]) -> None:
       (dest / name).write_bytes(f.read())
 
 
-def _format_eta(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
 def prepare(cfg: PrepareConfig, *, max_units: int | None = None) -> dict | None:
   """Tokenises, splits and packs `cfg.inputs` into shards under `cfg.output_dir`.
 
@@ -636,6 +630,8 @@ def prepare(cfg: PrepareConfig, *, max_units: int | None = None) -> dict | None:
         return None
       if start_bytes is None:
         start_bytes, start_time = reading.position(), time.monotonic()
+        reporter = progress_lib.Progress(total_bytes, unit="MB", label="prepare", scale=1e6, start=start_bytes)
+        reporter.update(start_bytes, start_time)  # no compilation here: the rate counts from the start
       batches = {split: ([], 0) for split in SPLITS}
       for doc in unit.documents():
         if not doc.strip():
@@ -652,8 +648,7 @@ def prepare(cfg: PrepareConfig, *, max_units: int | None = None) -> dict | None:
         now = time.monotonic()
         if now - last_log >= cfg.log_every_seconds:
           last_log = now
-          _log_progress(reading.position(), start_bytes, total_bytes, now - start_time, run_chars,
-                        writers)
+          _log_progress(reporter, reading.position(), now, now - start_time, run_chars, writers)
       for split, (texts, _) in batches.items():
         if texts:
           encoder.submit(texts, functools.partial(writers[split].add, n_docs=len(texts)))
@@ -708,16 +703,13 @@ def prepare(cfg: PrepareConfig, *, max_units: int | None = None) -> dict | None:
   return meta
 
 
-def _log_progress(position: int, start_bytes: int, total_bytes: int, elapsed: float,
+def _log_progress(progress: progress_lib.Progress, position: int, now: float, elapsed: float,
                   chars: int, writers: dict) -> None:
-  read = position - start_bytes
-  rate = read / max(elapsed, 1e-9)
-  eta = (total_bytes - position) / rate if rate > 0 else float("inf")
+  progress.update(position, now)
   docs = sum(w.stats["docs"] for w in writers.values())
   tokens = sum(w.stats["doc_tokens"] for w in writers.values())
-  logging.info("%.1f%% of %.1f MB read, %.2f MB/s (%.2f M chars/s), %d docs, %d tokens, ETA %s",
-               100.0 * position / max(total_bytes, 1), total_bytes / 1e6, rate / 1e6,
-               chars / 1e6 / max(elapsed, 1e-9), docs, tokens, _format_eta(eta))
+  logging.info("%s read; %.2f M chars/s, %d docs, %d tokens", progress.line(now=now),
+               chars / 1e6 / max(elapsed, 1e-9), docs, tokens)
 
 
 def _save_progress(out_dir: str, settings: dict, units_done: int, chain: str,

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import time
 
 from absl import logging
 import numpy as np
@@ -286,7 +287,9 @@ def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type
     chunks = _training_chunks(texts)
     logging.info("training a SentencePiece tokenizer (%s, %d pieces) on %s characters (cached afterwards at %s)",
                  model_type, vocab_size, f"{sum(len(c) for c in chunks):,}", path if writable else local)
+    t0 = time.monotonic()
     proto = _train(chunks, options)
+    logging.info("trained the tokenizer in %.1fs", time.monotonic() - t0)
     if writable:
       paths.write_bytes_atomic(path, proto)
     else:

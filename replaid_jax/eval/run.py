@@ -48,6 +48,7 @@ from replaid_jax import inference
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import objectives
 from replaid_jax import paths
+from replaid_jax import progress as progress_lib
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
@@ -157,21 +158,26 @@ def _seconds_per_call(fn, *args, reps: int = 3) -> float:
 
 
 class _ProgressLog:
-  """Logs units done, tokens/s and the ETA at most every `every` seconds (and at the first and last unit)."""
+  """Logs the progress line (replaid_jax/progress.py) at most every `every` seconds, at the first and the last
+  unit; the rate and ETA count from the end of the first unit, which carries the compilation."""
 
-  def __init__(self, label: str, tokens_per_unit: int, unit: str = "batches", every: float = 10.0):
-    self.label, self.tokens_per_unit, self.unit, self.every = label, tokens_per_unit, unit, every
-    self.start = self.last = time.time()
+  def __init__(self, label: str, tokens_per_unit: int, unit: str = "batches", every: float = 10.0,
+               clock=time.monotonic):
+    self.label, self.tokens_per_unit, self.unit, self.every, self.clock = label, tokens_per_unit, unit, every, clock
+    self.progress: progress_lib.Progress | None = None
+    self.last = clock()
 
   def __call__(self, done: int, total: int) -> None:
-    now = time.time()
+    if self.progress is None:
+      self.progress = progress_lib.Progress(total, unit=self.unit, label=self.label, start=done - 1, clock=self.clock)
+    now = self.clock()
+    self.progress.update(done, now)
     if done < total and now - self.last < self.every and done != 1:
       return
     self.last = now
-    elapsed = max(now - self.start, 1e-9)
-    rate = f", {done * self.tokens_per_unit / elapsed:.0f} tokens/s" if self.tokens_per_unit else ""
-    logging.info("%s: %d/%d %s (%.0f%%)%s, ETA %s", self.label, done, total, self.unit, 100.0 * done / total, rate,
-                 metrics_lib.format_eta((total - done) * elapsed / done))
+    rate = self.progress.rate()
+    tokens = f", {rate * self.tokens_per_unit:,.0f} tokens/s" if rate and self.tokens_per_unit else ""
+    logging.info("%s%s", self.progress.line(now=now), tokens)
 
 
 # ---- one checkpoint.

@@ -6,12 +6,12 @@
      the `sample` section only);
   2. loads the checkpoint's tokenizer and checks it against the recorded sha256 and
      vocabulary, then tokenises the prompts and words (sample.prefix, ...);
-  3. samples in batches sharded over the mesh's batch axes, with a progress bar;
+  3. samples in batches sharded over the mesh's batch axes, with a progress line (replaid_jax/progress.py);
   4. writes <workdir>/samples/step<N>.jsonl, or step<N>_2.jsonl, ... when that exists, or
      --output (one row per sample: text, tokens, seed,
      sampler settings, checkpoint step, unigram entropy, conditioning figures) and
      <same name>.summary.json (means, generative perplexity if sample.judge is set, timing),
-     and prints the samples.
+     prints the samples and adds them as TensorBoard text to <workdir>/train.
 """
 
 import json
@@ -35,8 +35,10 @@ from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
 from replaid_jax.models import embedding
 from replaid_jax import inference
+from replaid_jax import metrics as metrics_lib
 from replaid_jax import objectives
 from replaid_jax import paths
+from replaid_jax import progress as progress_lib
 from replaid_jax.sample import prompts
 from replaid_jax.sample import quality
 
@@ -51,26 +53,32 @@ def resolve_config(saved: dict, overrides: dict[str, Any] | None = None,
 
 
 class ProgressBar:
-  """A one-line progress bar on stderr, fed from the device by the sampler loop."""
+  """The progress line (replaid_jax/progress.py) over the sampler steps of all batches, redrawn in place on
+  stderr and fed from the device by the sampler loop. Its rate and ETA count from the first report, which comes
+  after the compilation."""
 
-  def __init__(self, num_batches: int, enabled: bool = True, width: int = 30):
-    self.num_batches, self.enabled, self.width = num_batches, enabled, width
-    self.batch, self.start = 0, time.time()
+  def __init__(self, num_batches: int, steps: int, enabled: bool = True, clock=time.monotonic):
+    self.num_batches, self.steps, self.enabled = num_batches, steps, enabled
+    self.batch, self.width = 0, 0
+    self.progress = progress_lib.Progress(num_batches * steps, unit="steps", label="sampling", clock=clock)
+
+  def _show(self, text: str, end: str = "") -> None:
+    sys.stderr.write("\r" + text.ljust(self.width) + end)
+    sys.stderr.flush()
+    self.width = 0 if end else len(text)
 
   def begin(self, batch: int) -> None:
-    self.batch, self.start = batch, time.time()
+    self.batch = batch
+    if self.enabled and batch == 0:
+      self._show(f"{self.progress.line()} (batch 1/{self.num_batches})")
 
   def __call__(self, done, total) -> None:
     if not self.enabled:
       return
     done, total = int(done), int(total)
-    fill = self.width * done // max(total, 1)
-    rate = done / max(time.time() - self.start, 1e-9)
-    sys.stderr.write(f"\rbatch {self.batch + 1}/{self.num_batches} [{'#' * fill}{'.' * (self.width - fill)}] "
-                     f"{done}/{total} steps, {rate:.1f} steps/s")
-    if done == total:
-      sys.stderr.write("\n")
-    sys.stderr.flush()
+    self.progress.update(self.batch * self.steps + done * self.steps // max(total, 1))
+    last = done == total and self.batch + 1 == self.num_batches
+    self._show(f"{self.progress.line()} (batch {self.batch + 1}/{self.num_batches})", "\n" if last else "")
 
 
 def _settings_record(s, seq_len: int, objective: str = "replaid") -> dict:
@@ -181,9 +189,10 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   shard = lambda ndim: sharding_lib.batch_sharding(mesh, c.mesh.rules, ndim)
   put = lambda x: jax.device_put(x, shard(x.ndim))
   num_batches = math.ceil(s.num_samples / batch)
-  bar = ProgressBar(num_batches, enabled=s.progress and jax.process_index() == 0)
+  reports_steps = objectives.REGISTRY[c.objective].learned_embeddings  # RePlaid's sampler reports its steps
+  bar = ProgressBar(num_batches, s.steps, enabled=s.progress and jax.process_index() == 0 and reports_steps)
   key = jax.random.key(s.seed)
-  if objectives.REGISTRY[c.objective].learned_embeddings:
+  if reports_steps:
     cond = jax.tree.map(put, layout.batch(batch))
     denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
     table = jax.jit(embedding.normalized)(params["embedding"])
@@ -276,7 +285,25 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
     shown = [tokenizer_lib.display_text(tok, row) if tok is not None else " ".join(map(str, row.tolist()))
              for row in tokens]
     _print(rows, shown, summary, s.print_samples)
+    write_tensorboard(workdir, step, path, shown, summary)
   return summary
+
+
+def write_tensorboard(workdir: str, step: int, path: str, shown_text: list[str], summary: dict) -> None:
+  """The samples as TensorBoard text in the run's <workdir>/train, beside the training-time samples: tags
+  `sampled/<file name>/<index>` at the checkpoint's step, each with its settings."""
+  stem = os.path.basename(path)[:-len(".jsonl")]
+  st = summary["sampler"]
+  head = (f"{st['sampler']}, {st['steps']} steps ({st['time_grid']} grid), score_temp {st['score_temp']}, "
+          f"seed {summary['seed']}")
+  writer = metrics_lib.MetricWriter(paths.join(workdir, "train"))
+  try:
+    for i, text in enumerate(shown_text):
+      writer.write_text(f"sampled/{stem}/{i}", f"{head}, noise stream {i}\n\n{text}", step)
+  finally:
+    writer.close()
+  logging.info("samples also in TensorBoard (text tab, sampled/%s): tensorboard --logdir %s", stem,
+               paths.join(workdir, "train"))
 
 
 def _print(rows: list[dict], shown_text: list[str], summary: dict, limit: int) -> None:

@@ -8,7 +8,12 @@
      differences are listed, and those that change the model, data or objective
      refused), else starts from scratch (a resumed run continues the data order
      and random stream exactly where they stopped);
-  4. trains, logging metrics, throughput and ETA, evaluating and checkpointing
+  4. with train.size_to_minutes, measures the speed over the first warm-up steps
+     (or times the compiled step on a copy of the state) and sets
+     train.num_steps, and the learning-rate schedule with it, to the steps that
+     fit the budget (`size_run`; a resumed run keeps the decided count);
+     trains, logging progress (replaid_jax/progress.py), metrics and throughput,
+     evaluating and checkpointing
      on schedule, until `train.num_steps` or `train.max_minutes`; a preemption
      notice (SIGTERM, see replaid_jax/distributed.py) ends it at the next step
      with a checkpoint and no final evaluation; a step with a non-finite loss or
@@ -21,12 +26,12 @@
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -39,6 +44,7 @@ from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import paths
+from replaid_jax import progress as progress_lib
 from replaid_jax import sharding as sharding_lib
 from replaid_jax import workdir_lock
 from replaid_jax.data import arrayrecord
@@ -190,7 +196,8 @@ class _Evaluator:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-                       allow_config_changes: bool = False, resume_from_step: int | None = None) -> dict:
+                       allow_config_changes: bool = False, resume_from_step: int | None = None,
+                       steps_per_second: float | None = None) -> dict:
   """Trains (or resumes) a run in `workdir`; returns the final evaluation.
 
   `stop_after` ends this invocation after that many steps with a checkpoint and
@@ -201,6 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   `resume_from_step` resumes from that checkpoint instead of the newest one;
   newer ones are moved to <workdir>/checkpoints_damaged/ (the way back from a
   run that diverged after its newest checkpoint was written).
+  `steps_per_second`, with train.size_to_minutes, is taken as the measured speed instead of timing the step
+  (a speed measured elsewhere, or a test's).
   """
   t_start = time.time()
   c = config_lib.from_config_dict(config)
@@ -214,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                              "write to.") from None
   with workdir_lock.WorkdirLock(workdir):
     return _train(config, c, workdir, t_start, stop_after=stop_after, allow_config_changes=allow_config_changes,
-                  resume_from_step=resume_from_step)
+                  resume_from_step=resume_from_step, steps_per_second=steps_per_second)
 
 
 def resume(ckpt: ckpt_lib.Checkpointer, run: Run, train_iter: Any, config_dict: dict, *,
@@ -256,7 +265,10 @@ def resume(ckpt: ckpt_lib.Checkpointer, run: Run, train_iter: Any, config_dict: 
       damaged.append((s, f"its metadata cannot be read ({type(e).__name__})"))
       continue
     check_resume_compatible(saved, run)
-    changes = config_lib.config_changes(saved.get("config") or {}, config_dict)
+    current = config_dict
+    if isinstance(saved.get("sizing"), dict):  # a sized run keeps the step count decided when it started
+      current = {**config_dict, "train": {**config_dict["train"], "num_steps": saved["sizing"]["num_steps"]}}
+    changes = config_lib.config_changes(saved.get("config") or {}, current)
     frozen = [ch for ch in changes if config_lib.frozen_on_resume(ch[0])]
     if frozen and not allow_config_changes:
       raise errors.ConfigError(
@@ -292,7 +304,8 @@ def resume(ckpt: ckpt_lib.Checkpointer, run: Run, train_iter: Any, config_dict: 
 
 
 def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str, t_start: float, *,
-           stop_after: int | None, allow_config_changes: bool, resume_from_step: int | None) -> dict:
+           stop_after: int | None, allow_config_changes: bool, resume_from_step: int | None,
+           steps_per_second: float | None = None) -> dict:
   logging.info("RePlaid-JAX %s | jax %s | %d process(es), %d device(s): %s", replaid_jax.__version__,
                jax.__version__, jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
 
@@ -325,12 +338,18 @@ def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str
   if latest is not None:
     state = restored
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    sizing = ckpt.metadata(latest).get("sizing")
+    if isinstance(sizing, dict):
+      run = with_num_steps(run, sizing["num_steps"])
+      c = run.config
+      meta["config"]["train"]["num_steps"], meta["sizing"] = c.train.num_steps, sizing
+      logging.info("train.size_to_minutes: keeping the %d steps decided when the run started (%.3g steps/s "
+                   "measured)", c.train.num_steps, sizing["steps_per_second"])
   else:
     state = run.state
-    writer.write_json("config.json", meta)
-  writer.write_hparams(config.to_dict(), ("val/nats_per_token", "val/ratio_to_unigram", "train/loss"))
   try:
-    return _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after)
+    return _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after,
+                 steps_per_second)
   finally:
     ckpt.close()
     writer.close()
@@ -355,17 +374,99 @@ def _noise_level_diagnostics(c, corpus, ema, writer, workdir: str, step: int) ->
   return path
 
 
+# Logged to metrics.jsonl and TensorBoard but left off the console line (the progress part says them).
+_NOT_ON_CONSOLE = ("nonfinite", "steps_per_s", "flops_per_s", "minutes", "eta")
+
+
 @jax.jit
 def _track_nonfinite(count, first, flag, step):
   """Device-side tally of skipped (non-finite) steps and the first of them: no host sync per step."""
   return count + flag, jnp.where((first < 0) & (flag > 0), step, first)
 
 
-def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after) -> dict:
+# Share of the time left after setup that a sized run keeps back for evaluations, checkpoints and data loading.
+SIZE_RESERVE = 0.2
+# A sized run measures its speed over its first real steps, up to this many, while they are warm-up steps (whose
+# learning rate does not depend on the schedule's length); with a shorter warm-up it times a copy of the state.
+SIZE_MEASURE_STEPS = 20
+
+
+def sized_num_steps(steps_per_second: float, seconds_left: float, cap: int, done: int = 0) -> int:
+  """The steps of a run sized to its budget: the `done` ones and those that fit `seconds_left` at the measured
+  speed, less SIZE_RESERVE; at most `cap` (train.num_steps)."""
+  return min(cap, done + max(0, int(steps_per_second * seconds_left * (1.0 - SIZE_RESERVE))))
+
+
+def with_num_steps(run: Run, num_steps: int) -> Run:
+  """The run with train.num_steps set, and an optimizer whose learning-rate schedule spans that many steps.
+
+  The optimizer state's structure does not depend on the schedule, so the built state (or a restored one) fits.
+  """
+  c = run.config
+  if num_steps == c.train.num_steps:
+    return run
+  c = dataclasses.replace(c, train=dataclasses.replace(c.train, num_steps=num_steps))
+  tx = optim.make(c.optim, total_steps=num_steps, frozen=run.objective.frozen_groups())
+  return dataclasses.replace(run, config=c, tx=tx)
+
+
+def time_train_step(run: Run, compiled, state, batch, key, *, min_steps: int = 3, min_seconds: float = 10.0,
+                    max_steps: int = 200) -> float:
+  """Steps/s of the compiled train step on a copy of `state` (the run's own state is left as it is).
+
+  One untimed step first (its first execution), then at least `min_steps` steps and `min_seconds`.
+  """
+  copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=run.state_sharding)
+  probe, _ = compiled(copy(state), batch, key)
+  jax.block_until_ready(probe)
+  n, t0 = 0, time.monotonic()
+  while n < max_steps and (n < min_steps or time.monotonic() - t0 < min_seconds):
+    probe, _ = compiled(probe, batch, key)
+    jax.block_until_ready(probe)
+    n += 1
+  return n / max(time.monotonic() - t0, 1e-9)
+
+
+def size_run(run: Run, rate: float, *, done: int, t_start: float, compile_s: float, measured: bool
+             ) -> tuple[Run, dict]:
+  """Sets train.num_steps (and the schedule) to what fits train.size_to_minutes at `rate` steps/s, `done` steps
+  being trained already.
+
+  The budget counts from the start of the run (tokenizer, data and compilation included); a new step count
+  needs the step compiled again, which is charged to it at the first compilation's time. Returns the run and
+  the record of the decision (saved with the checkpoints and in train/config.json).
+  """
+  c = run.config
+  left = 60.0 * c.train.size_to_minutes - (time.time() - t_start)
+  if jax.process_count() > 1:  # every process takes process 0's figures, hence the same schedule
+    rate, left = (float(x) for x in multihost_utils.broadcast_one_to_all(np.array([rate, left], np.float64)))
+  steps = sized_num_steps(rate, left, c.train.num_steps, done)
+  if steps < c.train.num_steps:  # a second compilation, for the new schedule, comes out of the budget
+    left -= compile_s
+    steps = sized_num_steps(rate, left, c.train.num_steps, done)
+  if steps <= c.optim.warmup_steps:
+    raise errors.ConfigError(
+        f"train.size_to_minutes={c.train.size_to_minutes:g}: at the measured {rate:.3g} steps/s only {steps} "
+        f"steps fit the {max(left, 0):.0f} s left after setup, no more than the warm-up (optim.warmup_steps="
+        f"{c.optim.warmup_steps}); raise train.size_to_minutes, or set it to 0 and choose train.num_steps.")
+  record = {"num_steps": steps, "steps_per_second": rate, "seconds_left": left, "decided_at_step": done,
+            "minutes": c.train.size_to_minutes, "cap": c.train.num_steps, "reserve": SIZE_RESERVE,
+            "measured": measured}
+  logging.info("train.size_to_minutes=%g: %.3g steps/s measured after compilation%s, %.0f s left -> %d steps "
+               "(train.num_steps=%d at most; %.0f%% kept back for evaluations and checkpoints); the learning-rate "
+               "schedule spans them", c.train.size_to_minutes, rate, f" over steps 2-{done}" if done else "", left,
+               steps, c.train.num_steps, 100 * SIZE_RESERVE)
+  return with_num_steps(run, steps), record
+
+
+def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after,
+          steps_per_second=None) -> dict:
 
   step_fn = compile_step(run)
   base_key = jax.random.key(c.seed)
   first_batch = global_batch(run, next(train_iter))
+  start_step = int(state.step)
+  logging.info("%s", progress_lib.Progress(c.train.num_steps, label="train", start=start_step).line())
   t0 = time.time()
   compiled = step_fn.lower(state, first_batch, base_key).compile()
   compile_s = time.time() - t0
@@ -389,11 +490,46 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
                                  analytic_no_sc, "flops_per_step_xla_scan_once": step_xla or 0.0,
                                  "peak_flops": peak, "compile_seconds": compile_s}, prefix="setup/")
 
+  def apply_sizing(decided: Run, sizing: dict) -> None:
+    """Takes the sized run: its config, a step compiled for its schedule, and the record of the decision."""
+    nonlocal run, c, compiled
+    if decided.config is not c:
+      run, c = decided, decided.config
+      t0 = time.time()
+      compiled = compile_step(run).lower(state, first_batch, base_key).compile()
+      logging.info("compiled the train step again for the %d-step schedule in %.1fs", c.train.num_steps,
+                   time.time() - t0)
+    meta["config"]["train"]["num_steps"], meta["sizing"] = c.train.num_steps, sizing
+    writer.write(sizing["decided_at_step"], {"num_steps": c.train.num_steps, "steps_per_second":
+                                             sizing["steps_per_second"], "seconds_left": sizing["seconds_left"]},
+                 prefix="sizing/", console=False)
+    writer.write_json("config.json", meta)
+
+  # train.size_to_minutes: measured on the first real steps while they are warm-up steps, else on a copy now.
+  size_at = None
+  if c.train.size_to_minutes > 0 and "sizing" not in meta:
+    measure_to = min(c.optim.warmup_steps, SIZE_MEASURE_STEPS)
+    if start_step + 2 <= measure_to:
+      size_at = measure_to
+    elif latest is None:  # after all the setup, which the budget includes
+      rate = steps_per_second or time_train_step(run, compiled, state, first_batch, base_key)
+      apply_sizing(*size_run(run, rate, done=0, t_start=t_start, compile_s=compile_s,
+                             measured=steps_per_second is None))
+    else:
+      logging.warning("train.size_to_minutes=%g is not applied: this run started without it and is past its "
+                      "warm-up; it keeps train.num_steps=%d", c.train.size_to_minutes, c.train.num_steps)
+  if latest is None:
+    writer.write_json("config.json", meta)
+  writer.write_hparams(meta["config"], ("val/nats_per_token", "val/ratio_to_unigram", "train/loss"))
+
   evaluator = _Evaluator(run)
   eval_key = jax.random.fold_in(base_key, 2**31 - 1)
-  start_step = int(state.step)
-  budget = max(c.train.max_minutes - (time.time() - t_start) / 60, 1e-3) if c.train.max_minutes > 0 else 0.0
-  progress = metrics_lib.Progress(start_step, c.train.num_steps, budget)
+  deadline = t_start + 60 * c.train.max_minutes if c.train.max_minutes > 0 else None
+  out_of_time = lambda: deadline is not None and time.time() >= deadline
+  new_progress = lambda: progress_lib.Progress(
+      c.train.num_steps, unit="steps", label="train", start=start_step,
+      deadline=None if deadline is None else time.monotonic() + deadline - time.time())
+  progress = new_progress()
   tokens_per_step = c.train.batch_size * c.data.seq_len
   last_eval_time = time.time()
   batch = first_batch
@@ -435,13 +571,19 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   def log(step_done: int, m: dict) -> None:
     check_nonfinite()
     m = jax.device_get(m)
-    rate = progress.rate(step_done)
+    progress.update(step_done)
+    # Since the previous log; the first log since the end of the first step; at the first step, that step's own.
+    rate = progress.interval_rate() or progress.rate() or (step_done - start_step) / max(time.time() - t_loop, 1e-9)
     achieved = rate * step_flops
     m.update({"steps_per_s": rate, "tokens_per_s": rate * tokens_per_step, "flops_per_s": achieved,
               "mfu": achieved / peak, "lr": float(optim.learning_rates(c.optim, total_steps=c.train.num_steps)
                                                   ["backbone"](step_done - 1)),
-              "minutes": (time.time() - t_start) / 60, "eta": metrics_lib.format_eta(progress.eta_seconds(step_done))})
-    writer.write(step_done, m, prefix="train/")
+              "minutes": (time.time() - t_start) / 60, "eta": progress_lib.format_eta(progress.eta_seconds())})
+    writer.write(step_done, m, prefix="train/", console=False)
+    if writer.enabled:
+      logging.info("%s | %s", progress.line(), metrics_lib.console_text(
+          {k: m[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if k in m}
+          | {k: v for k, v in m.items() if k not in _NOT_ON_CONSOLE and not k.startswith("grad_norm")}))
 
   def validate(step_done: int, *, final: bool) -> dict:
     nonlocal last_eval_time
@@ -472,9 +614,22 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     return res
 
   stop_at = c.train.num_steps if stop_after is None else min(c.train.num_steps, start_step + stop_after)
-  while step < stop_at and not progress.out_of_time():
+  t_loop = time.time()
+  while step < stop_at and not out_of_time():
     state, m = compiled(state, batch, base_key)
     step += 1
+    if step == start_step + 1:  # the rate and ETA are measured from the end of the first step on
+      jax.block_until_ready(state)
+      progress.update(step)
+      t_first = time.monotonic()
+    if step == size_at:
+      jax.block_until_ready(state)
+      rate = steps_per_second or (step - start_step - 1) / max(time.monotonic() - t_first, 1e-9)
+      apply_sizing(*size_run(run, rate, done=step, t_start=t_start, compile_s=compile_s,
+                             measured=steps_per_second is None))
+      progress = new_progress()  # measured again from here: the rate leaves out the second compilation too
+      progress.update(step)
+      stop_at = c.train.num_steps if stop_after is None else min(c.train.num_steps, start_step + stop_after)
     nonfinite["count"], nonfinite["first"] = _track_nonfinite(nonfinite["count"], nonfinite["first"],
                                                               m["nonfinite"], state.step)
     if pending is not None:
@@ -511,7 +666,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
     reason = distributed.preemption_reason()
     logging.info("preempted at step %d%s; checkpoint saved; rerun to resume", step, f" ({reason})" if reason else "")
     return {"step": step, "stopped": True, "preempted": True}
-  if step < c.train.num_steps and not progress.out_of_time():
+  if step < c.train.num_steps and not out_of_time():
     logging.info("stopped at step %d of %d; rerun the same command to resume", step, c.train.num_steps)
     return {"step": step, "stopped": True}
   train_minutes = (time.time() - t_start) / 60
