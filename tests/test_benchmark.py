@@ -105,8 +105,8 @@ def test_forward_only_benchmark():
   assert r["tokens_per_s"] > 0 and r["flops"]["forward_per_sequence_xla"] is None
 
 
-@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(REPO, "launch", "tpu", "*")) +
-                                          glob.glob(os.path.join(REPO, "launch", "gpu", "*"))),
+@pytest.mark.parametrize("script", sorted(p for p in glob.glob(os.path.join(REPO, "launch", "tpu", "*")) +
+                                          glob.glob(os.path.join(REPO, "launch", "gpu", "*")) if not p.endswith(".py")),
                          ids=os.path.basename)
 def test_launch_scripts_parse(script):
   subprocess.run(["bash", "-n", script], check=True)
@@ -158,3 +158,15 @@ def test_gpu_check_smoke_run_writes_every_section(tmp_path):
   assert agree["max_relative_difference"] <= agree["tolerance"]
   assert agree["fp32"][0] == pytest.approx(agree["bf16"][0], rel=0.05)
   assert r["sampler"]["step_over_forward"] > 0 and r["sampler"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_profile_step_attributes_xla_op_time_to_classes(tmp_path):
+  out = tmp_path / "prof"
+  text = _launch(tmp_path, "launch/profile_step.py", "--config=configs/tiny.py", "--steps=2", f"--out={out}")
+  r = json.loads((out / "profile.json").read_text())
+  assert r["ms_per_step_total"] > 0 and "ms of XLA ops per step" in text
+  assert sum(c["share"] for c in r["classes"].values()) == pytest.approx(1.0)
+  assert r["classes"]["matmul (forward)"]["ms"] > 0 and r["classes"]["matmul (backward)"]["ms"] > 0
+  assert sum(op["ms"] for op in r["ops"]) == pytest.approx(r["ms_per_step_total"])
+  assert any("transpose(jvp" in op["origin"] for op in r["ops"] if op["class"] == "matmul (backward)")
