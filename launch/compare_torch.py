@@ -223,7 +223,7 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
     t_step(i)
     jax_step(i)
   matmul = flops_lib.measure_matmul_flops()
-  fwd = flops_lib.config_forward_flops(c)
+  fwd = flops_lib.config_forward_flops(c, token_input=run_.objective.token_input)
   per_step = flops_lib.train_flops_per_step(fwd, batch=b, selfcond_fraction=c.diffusion.selfcond_fraction)[0]
   tokens = b * seq_len
   rows = []
