@@ -169,11 +169,6 @@ def shape_of(c, vocab: int) -> dict:
           "gamma_0": d.gamma_0, "gamma_1": d.gamma_1, "selfcond_fraction": d.selfcond_fraction}
 
 
-def _count(tree) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
-
-
 def _time(fn, steps: int) -> float:
   """Median seconds per call of `fn(i)` over `steps` calls."""
   times = []
@@ -187,23 +182,21 @@ def _time(fn, steps: int) -> float:
 def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0, log=print) -> dict:
   """Alternating rounds of the PyTorch step and this project's step at the config's shape; a JSON-able dict."""
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
   from replaid_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from replaid_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   if cd.objective != "replaid":
     raise ValueError(f"the PyTorch reference is RePlaid's model; got objective={cd.objective!r}.")
   if torch_threads:
     torch.set_num_threads(torch_threads)
-  c, vocab = benchmark.prepare_config(cd)
-  shape = shape_of(c, vocab)
+  c, run_, batches = benchmark.synthetic_run(cd)
+  shape = shape_of(c, c.model.vocab_size)
   b, seq_len = c.train.batch_size, c.data.seq_len
-  corpus = benchmark.synthetic_corpus(vocab, seq_len, 2 * b)
-  c = loop.resolve_vocab(c, corpus)
-  run_ = loop.build(c, corpus)
-  batches = [loop.global_batch(run_, {"tokens": corpus.train[i * b:(i + 1) * b]}) for i in range(2)]
   key = jax.random.key(c.seed)
   compiled = loop.compile_step(run_).lower(run_.state, batches[0], key).compile()
   holder = {"state": run_.state}
@@ -214,7 +207,7 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
 
   torch.manual_seed(c.seed)
   torch_module, torch_step = torch_model(shape)
-  torch_batches = [torch.from_numpy(corpus.train[i * b:(i + 1) * b].astype("int64")) for i in range(2)]
+  torch_batches = [torch.from_numpy(np.asarray(x).astype("int64")) for x in batches]
 
   def t_step(i):
     torch_step(torch_batches[i % 2])
@@ -239,7 +232,8 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
       "jax_matmul_fraction_median": statistics.median(r["jax_matmul_fraction"] for r in rows),
       "matmul_flops_per_s": matmul, "flops_per_step_analytic": per_step,
       "params": {"torch": sum(p.numel() for p in torch_module.parameters()),
-                 "replaid_jax": _count(run_.state.params), "replaid_jax_denoiser": _count(run_.state.params["denoiser"])}, "torch_threads": torch.get_num_threads(),
+                 "replaid_jax": model_lib.count(run_.state.params),
+                 "replaid_jax_denoiser": model_lib.count(run_.state.params["denoiser"])}, "torch_threads": torch.get_num_threads(),
       "torch_version": torch.__version__, "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
       "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -101,12 +101,8 @@ def summarise(trace_file: str, hlo_text: str, steps: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  c, vocab = benchmark.prepare_config(cli.config(_CONFIG))
+  c, run_, batches = benchmark.synthetic_run(cli.config(_CONFIG))
   b = c.train.batch_size
-  corpus = benchmark.synthetic_corpus(vocab, c.data.seq_len, 2 * b)
-  c = loop.resolve_vocab(c, corpus)
-  run_ = loop.build(c, corpus)
-  batches = [loop.global_batch(run_, {"tokens": corpus.train[i * b:(i + 1) * b]}) for i in range(2)]
   key = jax.random.key(c.seed)
   compiled = loop.compile_step(run_).lower(run_.state, batches[0], key).compile()
   state = run_.state

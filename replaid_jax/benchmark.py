@@ -172,6 +172,21 @@ def prepare_config(cd, *, vocab_size: int | None = None, mesh_shape: Sequence[in
   return c, vocab
 
 
+def synthetic_run(cd, *, num_batches: int = 2, vocab_size: int | None = None,
+                  mesh_shape: Sequence[int] | None = None, seed: int = 0):
+  """The config's run built as the train loop builds it, and `num_batches` global batches of random tokens.
+
+  Returns (converted config with model.vocab_size set, `loop.Run`, list of global batches).
+  """
+  c, vocab = prepare_config(cd, vocab_size=vocab_size, mesh_shape=mesh_shape)
+  rows = c.train.batch_size // jax.process_count()
+  corpus = synthetic_corpus(vocab, c.data.seq_len, num_batches * rows, seed=seed + jax.process_index())
+  c = loop.resolve_vocab(c, corpus)
+  run_ = loop.build(c, corpus)
+  batches = [loop.global_batch(run_, {"tokens": corpus.train[i * rows:(i + 1) * rows]}) for i in range(num_batches)]
+  return c, run_, batches
+
+
 def step_time_stats(times: Sequence[float]) -> dict:
   t = [float(x) for x in times]
   return {"median": statistics.median(t), "mean": statistics.fmean(t),
@@ -243,15 +258,10 @@ def run(cd, *, config_name: str = "", steps: int = 10, warmup: int = 2, vocab_si
   if steps < 1 or warmup < 0:
     raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
   check_peak_spec(peak)
-  c, vocab = prepare_config(cd, vocab_size=vocab_size, mesh_shape=mesh_shape)
-  b, seq_len = c.train.batch_size, c.data.seq_len
-  local_rows = b // jax.process_count()
-  corpus = synthetic_corpus(vocab, seq_len, 2 * local_rows, seed=seed + jax.process_index())
-  c = loop.resolve_vocab(c, corpus)
-  run_ = loop.build(c, corpus)
+  c, run_, batches = synthetic_run(cd, vocab_size=vocab_size, mesh_shape=mesh_shape, seed=seed)
+  b, seq_len, vocab = c.train.batch_size, c.data.seq_len, c.model.vocab_size
   devices = list(run_.mesh.devices.reshape(-1))
   local = [d for d in devices if d.process_index == jax.process_index()]
-  batches = [loop.global_batch(run_, {"tokens": corpus.train[i * local_rows:(i + 1) * local_rows]}) for i in range(2)]
   num_params = model_lib.count(run_.state.params)
 
   fwd = flops_lib.config_forward_flops(c, token_input=run_.objective.token_input)

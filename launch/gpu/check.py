@@ -99,15 +99,11 @@ def _loss_curve(cd, steps: int) -> list[float]:
   import jax  # pylint: disable=g-import-not-at-top
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
   from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
-  c, vocab = benchmark.prepare_config(cd)
-  b = c.train.batch_size
-  corpus = benchmark.synthetic_corpus(vocab, c.data.seq_len, steps * b)
-  c = loop.resolve_vocab(c, corpus)
-  run_ = loop.build(c, corpus)
+  c, run_, batches = benchmark.synthetic_run(cd, num_batches=steps)
   step = loop.compile_step(run_)
   state, key, losses = run_.state, jax.random.key(c.seed), []
-  for i in range(steps):
-    state, m = step(state, loop.global_batch(run_, {"tokens": corpus.train[i * b:(i + 1) * b]}), key)
+  for batch in batches:
+    state, m = step(state, batch, key)
     losses.append(float(jax.device_get(m["loss"])))
   return losses
 
@@ -135,11 +131,9 @@ def sampler_ratio(cd, batch: int, *, log) -> dict:
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
   from replaid_jax.diffusion import sampler  # pylint: disable=g-import-not-at-top
   from replaid_jax.models import embedding  # pylint: disable=g-import-not-at-top
-  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
-  c, vocab = benchmark.prepare_config(_with(cd, **{"model.compute_dtype": "bfloat16", "train.batch_size": batch}))
-  corpus = benchmark.synthetic_corpus(vocab, c.data.seq_len, batch)
-  c = loop.resolve_vocab(c, corpus)
-  params = loop.build(c, corpus).state.params
+  c, run_, _ = benchmark.synthetic_run(_with(cd, **{"model.compute_dtype": "bfloat16", "train.batch_size": batch}),
+                                       num_batches=1)
+  params = run_.state.params
   seq_len, steps = c.data.seq_len, _SAMPLER_STEPS.value
   denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
   host = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
