@@ -232,6 +232,31 @@ def test_sized_step_count_fits_the_time_left_less_the_reserve():
   assert loop.sized_num_steps(2.0, 600.0, 1500, done=20) == 20 + 960 and loop.sized_num_steps(2.0, 0.0, 1500, 20) == 20
 
 
+def test_an_evaluation_is_skipped_only_when_it_alone_would_stop_the_run_short_of_its_schedule():
+  fits = loop.evaluation_fits
+  assert fits(100, 1.0, 30.0, 200.0)  # 100 s of training and 30 s of evaluation fit 200 s
+  assert not fits(100, 1.0, 30.0, 120.0)  # 100 s fit, 130 s do not: the evaluation is skipped
+  assert fits(100, 1.0, 30.0, 90.0)  # the schedule cannot finish either way: the run keeps its evaluations
+  assert fits(100, None, 30.0, 120.0) and fits(0, 1.0, 30.0, 0.0)  # no pace measured yet; nothing left to train
+
+
+def test_a_budgeted_run_asks_before_each_in_loop_evaluation_and_skips_the_ones_refused(tmp_path, monkeypatch):
+  asked = []
+
+  def refuse_the_first(steps_left, steps_per_second, eval_seconds, seconds_left):
+    asked.append((steps_left, steps_per_second, eval_seconds, seconds_left))
+    return len(asked) > 1
+
+  monkeypatch.setattr(loop, "evaluation_fits", refuse_the_first)
+  w = str(tmp_path / "w")
+  cfg = {"train.num_steps": 6, "train.eval_every": 2, "train.max_minutes": 600.0, "eval.final_num_times": 0}
+  loop.train_and_evaluate(_tiny_config(**cfg), w)
+  assert [a[0] for a in asked] == [4, 2]  # before the evaluations at steps 2 and 4 (none at the last step)
+  assert asked[0][2] == 0.0 and asked[1][2] == 0.0  # no evaluation has run when the second is asked about
+  assert all(a[1] is not None and a[1] > 0 and 0 < a[3] <= 600 * 60 for a in asked)
+  assert [r["step"] for r in _metric_rows(w) if "val/nats_per_token" in r] == [4]
+
+
 def test_timing_the_compiled_step_leaves_the_state_as_it_was():
   cd = _tiny_config(**{"mesh.shape": (1, 1, 1)})
   corpus = _synthetic_corpus()

@@ -397,6 +397,21 @@ def sized_num_steps(steps_per_second: float, seconds_left: float, cap: int, done
   return min(cap, done + max(0, int(steps_per_second * seconds_left * (1.0 - SIZE_RESERVE))))
 
 
+def evaluation_fits(steps_left: int, steps_per_second: float | None, eval_seconds: float,
+                    seconds_left: float) -> bool:
+  """Whether a run with a time budget takes an in-loop evaluation now.
+
+  False only when the evaluation is what would stop the run short of its schedule: the `steps_left` steps fit
+  the `seconds_left` at the training pace `steps_per_second` (evaluations left out), but not with another
+  `eval_seconds` spent evaluating. A run that cannot finish its schedule either way keeps its evaluations (the
+  budget stops it, and they are what it reports), and so does one whose pace is not measured yet.
+  """
+  if not steps_per_second or steps_per_second <= 0 or steps_left <= 0:
+    return True
+  training = steps_left / steps_per_second
+  return training > seconds_left or training + eval_seconds <= seconds_left
+
+
 def with_num_steps(run: Run, num_steps: int) -> Run:
   """The run with train.num_steps set, and an optimizer whose learning-rate schedule spans that many steps.
 
@@ -457,6 +472,14 @@ def size_run(run: Run, rate: float, *, done: int, t_start: float, compile_s: flo
                "schedule spans them", c.train.size_to_minutes, rate, f" over steps 2-{done}" if done else "", left,
                steps, c.train.num_steps, 100 * SIZE_RESERVE)
   return with_num_steps(run, steps), record
+
+
+def _pace(pace: dict, step: int) -> float | None:
+  """Steps/s since pace["origin"], the time spent in in-loop evaluations left out; None before a step is timed."""
+  if pace["origin"] is None or step <= pace["origin"][1]:
+    return None
+  seconds = time.monotonic() - pace["origin"][0] - pace["evaluating"]
+  return (step - pace["origin"][1]) / seconds if seconds > 0 else None
 
 
 def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after,
@@ -532,6 +555,9 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
   progress = new_progress()
   tokens_per_step = c.train.batch_size * c.data.seq_len
   last_eval_time = time.time()
+  # The training pace, evaluations left out: measured from `origin` (monotonic time, step), less the seconds the
+  # in-loop evaluations took since; `cost` is the latest one's, what the next is expected to take.
+  pace = {"origin": None, "evaluating": 0.0, "cost": 0.0}
   batch = first_batch
   pending = None
   step = start_step
@@ -587,6 +613,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
 
   def validate(step_done: int, *, final: bool) -> dict:
     nonlocal last_eval_time
+    t_eval = time.monotonic()
     k = c.eval.final_num_times if final else c.eval.num_times
     res = evaluator(state.ema_params, num_times=k, max_batches=c.eval.final_max_batches if final else c.eval.max_batches,
                     key=jax.random.fold_in(eval_key, step_done))
@@ -611,6 +638,9 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
       for tag, png in pngs.items():
         writer.write_image(tag, png, step_done)
     last_eval_time = time.time()
+    if not final:
+      pace["cost"] = time.monotonic() - t_eval
+      pace["evaluating"] += pace["cost"]
     return res
 
   stop_at = c.train.num_steps if stop_after is None else min(c.train.num_steps, start_step + stop_after)
@@ -622,6 +652,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
       jax.block_until_ready(state)
       progress.update(step)
       t_first = time.monotonic()
+      pace.update(origin=(t_first, step), evaluating=0.0)
     if step == size_at:
       jax.block_until_ready(state)
       rate = steps_per_second or (step - start_step - 1) / max(time.monotonic() - t_first, 1e-9)
@@ -629,6 +660,7 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
                              measured=steps_per_second is None))
       progress = new_progress()  # measured again from here: the rate leaves out the second compilation too
       progress.update(step)
+      pace.update(origin=(time.monotonic(), step), evaluating=0.0)
       stop_at = c.train.num_steps if stop_after is None else min(c.train.num_steps, start_step + stop_after)
     nonfinite["count"], nonfinite["first"] = _track_nonfinite(nonfinite["count"], nonfinite["first"],
                                                               m["nonfinite"], state.step)
@@ -650,7 +682,13 @@ def _loop(c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir
       break
     minutes_due = c.train.eval_every_minutes and time.time() - last_eval_time >= 60 * c.train.eval_every_minutes
     if (c.train.eval_every and step % c.train.eval_every == 0) or minutes_due:
-      if step < c.train.num_steps:
+      if step < c.train.num_steps and deadline is not None and not evaluation_fits(
+          c.train.num_steps - step, _pace(pace, step), pace["cost"], deadline - time.time()):
+        last_eval_time = time.time()
+        logging.info("skipped the evaluation at step %d: the %d steps left fit the %.0f s left of train.max_minutes "
+                     "only without it (%.0f s at the last one)", step, c.train.num_steps - step,
+                     deadline - time.time(), pace["cost"])
+      elif step < c.train.num_steps:
         check_nonfinite()
         validate(step, final=False)
     if step < stop_at:
