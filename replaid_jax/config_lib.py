@@ -232,6 +232,7 @@ def validate(c: Config) -> None:
   _choice("model.output_bias_init", m.output_bias_init, model_config.OUTPUT_BIAS_INITS)
   _choice("model.compute_dtype", m.compute_dtype, model_config.COMPUTE_DTYPES)
   _choice("model.block", m.block, model_config.BLOCKS)
+  _choice("model.attention_bias", m.attention_bias, model_config.ATTENTION_BIASES)
   _choice("model.remat_policy", m.remat_policy, tuple(denoiser_lib.REMAT_POLICIES))
   _choice("diffusion.mdlm_train_loss", d.mdlm_train_loss, mdlm.TRAIN_LOSSES)
   if d.aux_ce_weight < 0:

@@ -28,7 +28,7 @@ TINY_MODEL = model_lib.ModelConfig(
     vocab_size=24, embed_dim=4, width=32, num_layers=2, num_heads=2, mlp_ratio=2, cond_dim=16, cond_freqs=8,
     cond_input="gamma", max_seq_len=32, rope_base=10000.0, compute_dtype="float32", causal=False,
     output_bias_init="zeros", schedule_hidden=32, remat=False, block="dit", remat_policy="full", head_init_scale=0.0,
-    gate_init=0.0, input_posterior=False,
+    gate_init=0.0, input_posterior=False, attention_bias="none",
 )
 TINY_DIFFUSION = elbo.DiffusionConfig(
     gamma_0=-3.0, gamma_1=6.0, schedule="learned", learn_bounds=True, selfcond_fraction=0.25, output_prior=True,

@@ -101,6 +101,32 @@ def test_head_and_gate_init_switches(tiny_model):
   np.testing.assert_array_equal(np.asarray(base["in_proj"]), np.asarray(p["in_proj"]))
 
 
+def test_alibi_attention_adds_minus_slope_times_distance_to_the_logits():
+  """The biased attention equals softmax(q.k / sqrt(K) - s_h |i - j|) v computed by hand, per head."""
+  from replaid_jax.models import layers  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(np.asarray(layers.alibi_slopes(4)), [1.0, 0.25, 0.0625, 0.015625])
+  bias = np.asarray(layers.alibi_bias(5, 2))
+  assert bias.shape == (2, 5, 5) and bias[0, 1, 3] == -2.0 and bias[1, 4, 0] == -4.0 / 16
+  np.testing.assert_array_equal(bias, bias.transpose(0, 2, 1))
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in range(3))
+  out = np.asarray(layers.attention(q, k, v, causal=False, bias_HLL=jnp.asarray(bias)))
+  logits = np.einsum("bihk,bjhk->bhij", q, k) / 2.0 + bias[None]
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out, np.einsum("bhij,bjhk->bihk", w, v), rtol=1e-5, atol=1e-6)
+
+
+def test_the_alibi_switch_changes_the_attention_and_nothing_else(tiny_model):
+  """Same parameters; the network's output moves once attention reaches the residual stream (open gates)."""
+  cfg = dataclasses.replace(tiny_model, gate_init=0.5, head_init_scale=1.0)
+  assert jax.tree.structure(_denoiser_params(cfg)) == jax.tree.structure(
+      _denoiser_params(dataclasses.replace(cfg, attention_bias="alibi")))
+  x = jax.random.normal(jax.random.key(1), (2, 8, cfg.width))
+  cond = jnp.zeros((2,))
+  run = lambda c: np.asarray(denoiser.Denoiser(c, key=jax.random.key(0)).trunk(x, cond))
+  assert np.abs(run(cfg) - run(dataclasses.replace(cfg, attention_bias="alibi"))).max() > 1e-3
+
+
 def test_embedding_separation():
   table = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
   sep = diagnostics.embedding_separation({"embedding": {"table": jnp.asarray(table)}})

@@ -107,7 +107,8 @@ def _attention(blk: DitBlocks | PlaidBlocks, h: jax.Array, rope: tuple) -> jax.A
   qkv = partitioning.constrain(qkv, (None, "batch", None, "heads", None))
   q = layers.apply_rope(qkv[0], *rope)
   k = layers.apply_rope(qkv[1], *rope)
-  att = layers.attention(q, k, qkv[2], causal=cfg.causal)
+  bias = layers.alibi_bias(h.shape[1], cfg.num_heads) if cfg.attention_bias == "alibi" else None
+  att = layers.attention(q, k, qkv[2], causal=cfg.causal, bias_HLL=bias)
   return jnp.einsum("blhk,hkd->bld", att, blk.attn_out[...].astype(dt), preferred_element_type=jnp.float32)
 
 

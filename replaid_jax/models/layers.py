@@ -83,8 +83,21 @@ def apply_rope(x_BLHK: jax.Array, cos_LK: jax.Array, sin_LK: jax.Array) -> jax.A
   return out.astype(x_BLHK.dtype)
 
 
-def attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *, causal: bool) -> jax.Array:
-  return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=causal)
+def attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *, causal: bool,
+              bias_HLL: jax.Array | None = None) -> jax.Array:
+  bias = None if bias_HLL is None else bias_HLL[None].astype(q_BLHK.dtype)
+  return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, bias=bias, is_causal=causal)
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """Per-head slopes 2^(-8h/H), h = 0..H-1: head 0 penalises distance by 1 per position, the last by ~2^-8 H."""
+  return 2.0 ** (-8.0 * jnp.arange(num_heads, dtype=jnp.float32) / num_heads)
+
+
+def alibi_bias(seq_len: int, num_heads: int) -> jax.Array:
+  """[H, L, L] additive attention logits -s_h |i - j| (a locality prior that does not depend on the content)."""
+  pos = jnp.arange(seq_len, dtype=jnp.float32)
+  return -alibi_slopes(num_heads)[:, None, None] * jnp.abs(pos[:, None] - pos[None, :])[None]
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ COND_INPUTS = ("gamma", "t")
 OUTPUT_BIAS_INITS = ("zeros", "unigram")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BLOCKS = ("dit", "plaid")
+ATTENTION_BIASES = ("none", "alibi")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelConfig:
   head_init_scale: float
   gate_init: float
   input_posterior: bool
+  attention_bias: str
 
   @property
   def head_dim(self) -> int:
