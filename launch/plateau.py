@@ -46,6 +46,9 @@ _PROBE = flags.DEFINE_float("probe_gamma", None, "Instead of a study: train the 
                             "level with --probe_loss for the largest --steps, per seed and variant (see "
                             "research.plateau.fixed_level_probe).")
 _PROBE_LOSS = flags.DEFINE_string("probe_loss", "ce", "Loss of the fixed-level probe: 'ce' or 'mse'.")
+_ATTENTION = flags.DEFINE_bool("attention_profile", False, "Instead of a study: each variant's first-block "
+                                "attention at initialisation by distance, on validation rows noised at "
+                                "--probe_gamma (default 0), per seed (research.plateau.attention_by_distance).")
 _ONE = flags.DEFINE_string("one", "", "(internal) run one VARIANT_SPEC|SEED in this process.")
 
 
@@ -114,6 +117,32 @@ def _run_one(spec: str, seed: int, out_file: str) -> None:
   with open(tmp, "w") as f:
     json.dump(res, f)
   os.replace(tmp, out_file)
+
+
+def _attention_profiles() -> None:
+  """Prints and writes OUT/attention_profile.json: the weight on each distance, mean over seeds, per head."""
+  from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
+  gamma = 0.0 if _PROBE.value is None else _PROBE.value
+  out = {}
+  for spec in _VARIANTS.value or ["base"]:
+    name, overrides = parse_variant(spec)
+    cd = apply_overrides(load_base(_BASE.value), overrides)
+    corpus = pipeline.load_corpus(config_lib.from_config_dict(cd).data, workdir=_OUT.value)
+    runs = [plateau.attention_by_distance(cd, corpus, gamma=gamma, seed=int(s)) for s in _SEEDS.value.split(",")]
+    heads = [{"by_distance": [sum(r["heads"][h]["by_distance"][d] for r in runs) / len(runs)
+                              for d in range(len(runs[0]["uniform_by_distance"]))],
+              "farther": sum(r["heads"][h]["farther"] for r in runs) / len(runs)} for h in range(len(runs[0]["heads"]))]
+    out[name] = {"heads": heads, "uniform_by_distance": runs[0]["uniform_by_distance"], "runs": runs}
+    uni = runs[0]["uniform_by_distance"]
+    print(f"{name} (gamma={gamma:g}, {len(runs)} seeds): weight by distance 0..{len(uni) - 1}, then farther; "
+          f"uniform {' '.join(f'{u:.3f}' for u in uni)}")
+    for h, hd in enumerate(heads):
+      print(f"  head {h}: {' '.join(f'{x:.3f}' for x in hd['by_distance'])} | {hd['farther']:.3f}")
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "attention_profile.json"), "w") as f:
+    json.dump(out, f, indent=1)
 
 
 def _launch_all() -> None:
@@ -232,6 +261,9 @@ def main(argv):
   if _ONE.value:
     spec, seed, out_file = _ONE.value.split("|")
     _run_one(spec, int(seed), out_file)
+    return
+  if _ATTENTION.value:
+    _attention_profiles()
     return
   if not _REPORT.value:
     _launch_all()

@@ -127,6 +127,29 @@ def test_the_alibi_switch_changes_the_attention_and_nothing_else(tiny_model):
   assert np.abs(run(cfg) - run(dataclasses.replace(cfg, attention_bias="alibi"))).max() > 1e-3
 
 
+def test_attention_profile_at_initialisation_sums_to_one_and_alibi_concentrates_it_on_neighbours():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  train, val = rng.integers(0, 48, (64, 32), dtype=np.int32), rng.integers(0, 48, (16, 32), dtype=np.int32)
+  corpus = pipeline.Corpus(train=train, val=val, vocab_size=48, tokenizer=None,
+                           unigram_counts=np.bincount(train.reshape(-1), minlength=48).astype(np.float64), info={})
+  cd = tiny.get_config()
+  base = plateau.attention_by_distance(cd, corpus, gamma=0.0, max_distance=3)
+  cd.model.attention_bias = "alibi"
+  alibi = plateau.attention_by_distance(cd, corpus, gamma=0.0, max_distance=3)
+  length = 32
+  np.testing.assert_allclose(base["uniform_by_distance"], [1 / length] + [2 * (length - d) / length**2
+                                                                            for d in (1, 2, 3)])
+  for prof in (base, alibi):
+    assert len(prof["heads"]) == cd.model.num_heads and prof["rows"] == 16
+    for head in prof["heads"]:
+      assert sum(head["by_distance"]) + head["farther"] == pytest.approx(1.0, abs=1e-5)
+  near = lambda prof: sum(prof["heads"][0]["by_distance"][:2])
+  assert near(alibi) > 0.5 > near(base)  # slope 1 on head 0: most of its weight within one position
+
+
 def test_embedding_separation():
   table = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
   sep = diagnostics.embedding_separation({"embedding": {"table": jnp.asarray(table)}})

@@ -159,3 +159,46 @@ def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *,
       out.append({"step": i, "ce": float(m[0]), "context_free_ce": float(m[1]), "gain": float(m[1] - m[0])})
       acc = []
   return out
+
+
+def attention_by_distance(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, gamma: float, seed: int = 0,
+                          rows: int = 64, max_distance: int = 4) -> dict:
+  """The first block's attention weights at initialisation, by distance |i - j|, on noisy validation rows.
+
+  The rows are noised at `gamma` with the initial (random, unit-norm) embeddings, and the first block's
+  attention is computed from its initial parameters (adaLN-Zero: its modulation is the identity then). Returns,
+  per head, the mean weight a position puts on each distance 0..`max_distance` (both sides together) and on
+  everything farther, with the share uniform attention would give: what reaches a position from its
+  neighbours before any training.
+  """
+  from replaid_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
+  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  if c.model.block != "dit":
+    raise ValueError(f"the attention profile reads DiT blocks; got model.block={c.model.block!r}.")
+  params, _ = model_lib.init(jax.random.key(seed), c.model, gamma_0=c.diffusion.gamma_0,
+                             gamma_1=c.diffusion.gamma_1, output_bias=loop.output_bias(c, corpus))
+  den, m = params["denoiser"], c.model
+  tokens = jnp.asarray(corpus.val[:rows], jnp.int32)
+  e = embedding.lookup(embedding.normalized(params["embedding"]), tokens)
+  alpha2, sigma2 = noise_schedule.alpha_sigma2(jnp.float32(gamma))
+  z = jnp.sqrt(alpha2) * e + jnp.sqrt(sigma2) * jax.random.normal(jax.random.key(seed + 1), e.shape)
+  x = layers.dense(z * jax.lax.rsqrt(alpha2 / m.embed_dim + sigma2), den["in_proj"])
+  blk = den["blocks"]
+  shift, scale = jnp.split(blk["adaln_b"][0], 6)[:2]  # the adaLN weights are zero at initialisation
+  h = layers.modulate(layers.layer_norm(x, blk["ln1"][0]), shift[None], scale[None])
+  qkv = jnp.einsum("bld,dthk->tblhk", h, blk["qkv"][0])
+  rope = layers.rope_tables(tokens.shape[1], m.head_dim, m.rope_base)
+  q, k = layers.apply_rope(qkv[0], *rope), layers.apply_rope(qkv[1], *rope)
+  logits = jnp.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(m.head_dim)
+  if m.attention_bias == "alibi":
+    logits = logits + layers.alibi_bias(tokens.shape[1], m.num_heads)[None]
+  w = np.asarray(jax.nn.softmax(logits, axis=-1).mean(0))  # [H, L, L]
+  length = w.shape[-1]
+  dist = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+  heads = []
+  for hw in w:
+    by = [float(hw[dist == d].sum() / length) for d in range(max_distance + 1)]
+    heads.append({"by_distance": by, "farther": float(hw[dist > max_distance].sum() / length)})
+  uniform = [float((dist == d).sum() / length**2) for d in range(max_distance + 1)]
+  return {"gamma": gamma, "rows": int(tokens.shape[0]), "heads": heads, "uniform_by_distance": uniform}
