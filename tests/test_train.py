@@ -214,7 +214,7 @@ def test_model_init_is_traced_once_for_shapes_and_once_for_values(monkeypatch):
     original(self, *args, **kwargs)
 
   monkeypatch.setattr(model_lib.Model, "__init__", counting_init)
-  model_lib.abstract.cache_clear()
+  monkeypatch.setattr(model_lib, "_ABSTRACTS", {})  # a fresh process: no structure kept yet
   _, losses, run = _run_steps((1, 1, 1), num_steps=1, seed=3)
   assert len(losses) == 1 and len(traced) == 2  # nnx.eval_shape once; the jitted init that draws the values once
   flops_lib.xla_forward_flops(run.objective, run.state.params, 32)
