@@ -81,12 +81,14 @@ def derived_shardings(fn, abstract_params: PyTree, params_sh: PyTree, mesh: Mesh
   `fn` is traced abstractly with the parameter shardings as part of the array
   types (an Explicit-axes copy of `mesh`), so every output that JAX derives from
   a parameter (Adam's moments, an EMA copy) carries that parameter's sharding;
-  outputs made from nothing (step counters) are replicated.
+  outputs made from nothing (step counters) are replicated. Only the abstract
+  mesh is set around that trace (`jax.set_mesh` is refused under jit), so this
+  also runs inside a jitted function, such as the train state's init.
   """
   explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names))
   typed = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(explicit, sh.spec)),
                        abstract_params, params_sh)
-  with jax.set_mesh(explicit):
+  with jax.sharding.use_abstract_mesh(explicit.abstract_mesh):
     out = jax.eval_shape(fn, typed)
   return jax.tree.map(lambda o: NamedSharding(mesh, o.sharding.spec if o.sharding is not None else PartitionSpec()),
                       out)

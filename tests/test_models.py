@@ -129,3 +129,21 @@ def test_sequence_longer_than_max_seq_len_is_refused():
   z, g, x_sc = _inputs(jax.random.key(1), length=TINY_MODEL.max_seq_len + 1)
   with pytest.raises(ValueError, match="max_seq_len"):
     model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)
+
+
+def test_the_structure_an_init_keeps_is_the_one_eval_shape_traces(monkeypatch):
+  """`abstract` returns what a jitted `init` kept (no trace of its own): the same graph, shapes and logical axes as
+  an nnx.eval_shape of the init, whatever the bounds, key and output bias; a network is told apart by its class."""
+  from replaid_jax.objectives import token_model  # pylint: disable=g-import-not-at-top
+  traced = model_lib.abstract_of(lambda: model_lib.Model(TINY_MODEL, gamma_0=0.0, gamma_1=1.0, key=jax.random.key(0)))
+  monkeypatch.setattr(model_lib, "_ABSTRACTS", {})
+  bias = jnp.linspace(-1.0, 1.0, TINY_MODEL.vocab_size)
+  jax.jit(lambda key: model_lib.init(key, TINY_MODEL, gamma_0=-3.0, gamma_1=6.0, output_bias=bias)[0])(
+      jax.random.key(5))
+  kept = model_lib._ABSTRACTS[(model_lib.Model, TINY_MODEL)]  # pylint: disable=protected-access
+  assert model_lib.abstract(TINY_MODEL) is kept
+  assert (kept.graphdef, kept.shapes, kept.axes) == (traced.graphdef, traced.shapes, traced.axes)
+  # The token network of the same config is another network: its own eval_shape, then kept.
+  token_cfg = token_model.config(TINY_MODEL, causal=False)
+  tokens = token_model.abstract(token_cfg)
+  assert tokens.graphdef != kept.graphdef and token_model.abstract(token_cfg) is tokens

@@ -7,9 +7,15 @@ import jax
 import numpy as np
 import pytest
 
+from replaid_jax import config_lib
+from replaid_jax import objectives
 from replaid_jax import sharding as sharding_lib
+from replaid_jax.models import model as model_lib
+from replaid_jax.train import loop
+from replaid_jax.train import optim
+from replaid_jax.train import step as step_lib
 
-from test_train import _run_steps
+from test_train import _run_steps, _synthetic_corpus, _tiny_config
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 UPDATE = os.environ.get("REPLAID_UPDATE_GOLDEN") == "1"  # regenerate the golden files after a deliberate change
@@ -43,6 +49,45 @@ def test_sharded_runs_follow_the_single_device_loss_curve(single_device_run, mes
     assert any("fsdp" in s for s in specs.values())
   if mesh_shape[2] > 1:
     assert any("tensor" in s for s in specs.values())
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 2, 4)])
+def test_the_one_init_trace_gives_the_shardings_and_values_of_the_abstract_model(mesh_shape, monkeypatch):
+  """`loop.build` computes the shardings inside its one trace of the init; they equal those computed outside any
+  trace from an nnx.eval_shape of the model, and the values equal those of the init jitted with those out_shardings."""
+  monkeypatch.setattr(model_lib, "_ABSTRACTS", {})  # no structure kept: `abstract` below traces an eval_shape
+  corpus = _synthetic_corpus()
+  c = loop.resolve_vocab(config_lib.from_config_dict(
+      _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor")})), corpus)
+  mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, jax.devices()[:8])
+  objective = objectives.make(c)
+  tx = optim.make(c.optim, total_steps=c.train.num_steps, frozen=objective.frozen_groups())
+  net = objective.abstract()
+  params_sh = sharding_lib.param_shardings(net.shapes, net.axes, c.mesh.rules, mesh)
+  state_sh = sharding_lib.derived_shardings(lambda p: step_lib.init_state(p, tx), net.shapes, params_sh, mesh)
+  expected = jax.jit(lambda key: step_lib.init_state(objective.init(key, None)[0], tx),
+                     out_shardings=state_sh)(jax.random.key(c.seed))
+
+  run = loop.build(c, corpus, devices=jax.devices()[:8])
+  same = lambda a, b: jax.tree.structure(a) == jax.tree.structure(b) and jax.tree.leaves(a) == jax.tree.leaves(b)
+  assert same(run.params_sharding, params_sh) and same(run.state_sharding, state_sh)
+  specs = " ".join(sharding_lib.specs_as_strings(params_sh).values())
+  assert "fsdp" in specs and "tensor" in specs
+  # Adam's moments and the EMA have their parameter's sharding; counters and loss statistics are replicated.
+  assert same(state_sh.params, params_sh) and same(state_sh.ema_params, params_sh)
+  param_paths = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+  moments = 0
+  for path, s in jax.tree_util.tree_flatten_with_path((state_sh.step, state_sh.opt_state, state_sh.loss_stats))[0]:
+    owner = [q for q in param_paths if jax.tree_util.keystr(path).endswith(q)]
+    assert s == (param_paths[owner[0]] if owner else sharding_lib.replicated(mesh)), jax.tree_util.keystr(path)
+    moments += bool(owner)
+  assert moments == 2 * len(param_paths)  # Adam's mu and nu of every parameter
+  # The values are bit for bit those of the init jitted on its own with these out_shardings, and laid out as they say.
+  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  for path, x in jax.tree_util.tree_flatten_with_path(run.state)[0]:
+    np.testing.assert_array_equal(x, want[path], err_msg=jax.tree_util.keystr(path))
+  assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(run.state),
+                                                                     jax.tree.leaves(state_sh)))
 
 
 def test_activation_constraints_reach_the_compiled_step():

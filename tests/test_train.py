@@ -201,8 +201,10 @@ def test_bad_text_files_are_named_in_the_error(tmp_path):
       loop.train_and_evaluate(cd, str(tmp_path / "w"))
 
 
-def test_model_init_is_traced_once_for_shapes_and_once_for_values(monkeypatch):
-  """Shardings, optimizer-state shardings, the FLOP count and the inference model all read one abstract init."""
+def test_a_training_process_traces_the_model_init_once(monkeypatch):
+  """Building the run traces the init once, under jit: that trace gives the shapes, the parameter and train-state
+  shardings and (compiled) the values. The train step, the FLOP count and the inference model of the same config
+  then read the structure that trace kept, so none of them traces the init again (not even an nnx.eval_shape)."""
   from replaid_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax import inference  # pylint: disable=g-import-not-at-top
   from replaid_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -210,16 +212,18 @@ def test_model_init_is_traced_once_for_shapes_and_once_for_values(monkeypatch):
   original = model_lib.Model.__init__
 
   def counting_init(self, *args, **kwargs):
-    traced.append(type(kwargs["key"]).__name__)
+    traced.append(kwargs["gamma_0"])
     original(self, *args, **kwargs)
 
   monkeypatch.setattr(model_lib.Model, "__init__", counting_init)
-  model_lib.abstract.cache_clear()
+  monkeypatch.setattr(model_lib, "_ABSTRACTS", {})  # a fresh process: no structure kept yet
   _, losses, run = _run_steps((1, 1, 1), num_steps=1, seed=3)
-  assert len(losses) == 1 and len(traced) == 2  # nnx.eval_shape once; the jitted init that draws the values once
+  # One trace, the one that draws the values: it gets the config's bounds, where the eval_shape of `abstract` gets 0.0.
+  assert run.config.diffusion.gamma_0 != 0.0
+  assert len(losses) == 1 and traced == [run.config.diffusion.gamma_0]
   flops_lib.xla_forward_flops(run.objective, run.state.params, 32)
   inference.build_model(run.config, devices=jax.devices()[:1])
-  assert len(traced) == 2
+  assert len(traced) == 1
 
 
 # ---- train.size_to_minutes: the run sized to the speed measured after compilation.

@@ -2,9 +2,11 @@
 
 Training, evaluation and sampling work on its parameters as a pytree of arrays
 (nested dicts named like the modules' attributes, which is also the checkpoint
-layout). `abstract` traces the module's init once per configuration, without
-computing anything: the graph definition, the shapes and the logical axis names
-that shardings, optimizer-state shardings and FLOP counts are derived from.
+layout). A network's structure (graph definition, shapes, logical axis names) is
+kept once per process and configuration: `init` keeps that of the module it
+builds (the train loop traces it once, for the train state's shardings and
+values), and `abstract` returns it, or traces the init with `nnx.eval_shape`
+when the process has built none (inference, evaluation).
 
 `predict` is the denoiser as the ELBO and the samplers see it: from (z_t, gamma_t)
 and the self-conditioning input to the logits (network logits plus the output
@@ -13,7 +15,6 @@ reparameterisation).
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 from flax import nnx
@@ -49,6 +50,11 @@ class Abstract:
   axes: dict
 
 
+# The structure of each network this process has built or traced, by (module class, config). Graph definitions,
+# shapes and axis names only: no arrays, and no tracers, also when the init was traced under jit.
+_ABSTRACTS: dict[tuple[type, Any], Abstract] = {}
+
+
 def parameters(module: nnx.Module) -> tuple[dict, dict]:
   """(parameter pytree, logical axes in the same tree) of a module."""
   state = nnx.state(module, nnx.Param)
@@ -63,6 +69,25 @@ def abstract_of(build: Callable[[], nnx.Module]) -> Abstract:
   return Abstract(nnx.graphdef(module), shapes, axes)
 
 
+def built(module: nnx.Module, cfg: Any) -> tuple[dict, dict]:
+  """(parameters, logical axes) of a module built with values (arrays, or tracers under jit), whose structure is
+  kept as that of its class and `cfg`: `cached` then returns it without tracing the init again."""
+  params, axes = parameters(module)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  _ABSTRACTS.setdefault((type(module), cfg), Abstract(nnx.graphdef(module), shapes, axes))
+  return params, axes
+
+
+def cached(cls: type, cfg: Any, build: Callable[[], nnx.Module]) -> Abstract:
+  """The structure of the `cls` network of `cfg`: the one `built` kept, else `build` (which makes a `cls`) traced by
+  `nnx.eval_shape`, once per process. Values that do not change the structure (keys, bounds, an output bias) do
+  not matter here."""
+  key = (cls, cfg)
+  if key not in _ABSTRACTS:
+    _ABSTRACTS[key] = abstract_of(build)
+  return _ABSTRACTS[key]
+
+
 def count(params: dict) -> int:
   """Number of parameters in a parameter pytree."""
   return int(sum(x.size for x in jax.tree.leaves(params)))
@@ -73,10 +98,9 @@ def bind(graphdef: Any, params: dict) -> nnx.Module:
   return nnx.merge(graphdef, params)
 
 
-@functools.cache
 def abstract(cfg: ModelConfig) -> Abstract:
-  """The RePlaid model of `cfg`, traced once per process (the bounds' and output bias' values do not matter here)."""
-  return abstract_of(lambda: Model(cfg, gamma_0=0.0, gamma_1=1.0, key=jax.random.key(0)))
+  """The RePlaid model of `cfg`: the structure `init` kept, else its init traced once per process."""
+  return cached(Model, cfg, lambda: Model(cfg, gamma_0=0.0, gamma_1=1.0, key=jax.random.key(0)))
 
 
 def init(
@@ -87,8 +111,8 @@ def init(
     gamma_1: float,
     output_bias: jax.Array | None = None,
 ) -> tuple[dict, dict]:
-  """Returns (params, logical axes) with the same tree structure."""
-  return parameters(Model(cfg, gamma_0=gamma_0, gamma_1=gamma_1, key=key, output_bias=output_bias))
+  """Returns (params, logical axes) with the same tree structure; the model's structure is kept for `abstract`."""
+  return built(Model(cfg, gamma_0=gamma_0, gamma_1=gamma_1, key=key, output_bias=output_bias), cfg)
 
 
 def _select_detached(mask_B: jax.Array | None, fn, table_VE: jax.Array) -> jax.Array:

@@ -89,11 +89,13 @@ class Objective:
     return self.self_conditions and self.c.diffusion.selfcond_fraction > 0
 
   def init(self, key: jax.Array, output_bias: jax.Array | None) -> tuple[dict, dict]:
-    """(parameters, their logical axes): the network's module built with values."""
+    """(parameters, their logical axes): the network's module built with values (also under jit, where they are
+    tracers); its structure is kept for `abstract`."""
     raise NotImplementedError
 
   def abstract(self) -> model_lib.Abstract:
-    """The network without values (graph, shapes, logical axes), traced once per process and configuration."""
+    """The network without values (graph, shapes, logical axes): the structure `init` kept, else its init traced
+    by `nnx.eval_shape`, once per process and configuration."""
     raise NotImplementedError
 
   def frozen_groups(self) -> tuple[str, ...]:

@@ -6,7 +6,6 @@ output layer predicts the V tokens only.
 """
 
 import dataclasses
-import functools
 
 from flax import nnx
 import jax
@@ -29,15 +28,14 @@ class TokenNetwork(nnx.Module):
 
 
 def init(key: jax.Array, model_cfg, output_bias: jax.Array | None, *, causal: bool) -> tuple[dict, dict]:
-  """(params, logical axes)."""
-  return model_lib.parameters(TokenNetwork(config(model_cfg, causal=causal), key=key,
-                                           output_bias=output_bias))
+  """(params, logical axes); the network's structure is kept for `abstract`."""
+  cfg = config(model_cfg, causal=causal)
+  return model_lib.built(TokenNetwork(cfg, key=key, output_bias=output_bias), cfg)
 
 
-@functools.cache
 def abstract(cfg: model_config.ModelConfig) -> model_lib.Abstract:
-  """The token network of `cfg`, traced once per process."""
-  return model_lib.abstract_of(lambda: TokenNetwork(cfg, key=jax.random.key(0)))
+  """The token network of `cfg`: the structure `init` kept, else its init traced once per process."""
+  return model_lib.cached(TokenNetwork, cfg, lambda: TokenNetwork(cfg, key=jax.random.key(0)))
 
 
 def config(model_cfg: model_config.ModelConfig, *, causal: bool) -> model_config.ModelConfig:

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from absl import logging
+import flax.struct
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -75,6 +76,18 @@ class Run:
   objective: objectives.Objective
 
 
+@flax.struct.dataclass
+class _Built:
+  """The train state drawn by `build`'s one trace of the model's init, with the shardings computed in that trace.
+
+  The shardings are static fields: they leave the jitted function in its output's tree structure, not as arrays.
+  """
+
+  state: step_lib.TrainState
+  params_sharding: Any = flax.struct.field(pytree_node=False)
+  state_sharding: Any = flax.struct.field(pytree_node=False)
+
+
 def resolve_vocab(c: config_lib.Config, corpus: pipeline.Corpus) -> config_lib.Config:
   """Fills model.vocab_size from the data, or checks that the two agree."""
   if c.model.vocab_size is None:
@@ -109,16 +122,22 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
   bias = output_bias(c, corpus)
 
   def make_state(key):
-    params, _ = objective.init(key, None if bias is None else jnp.asarray(bias))
-    return step_lib.init_state(params, tx)
+    # The model's init, traced here once per process: the shapes and logical axes of its parameters give their
+    # shardings, the train state's follow from those, and the compiled trace draws the values.
+    params, axes = objective.init(key, None if bias is None else jnp.asarray(bias))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params_sh = sharding_lib.param_shardings(shapes, axes, rules, mesh)
+    # Adam's moments and the EMA take their parameter's sharding, counters and loss statistics are replicated.
+    state_sh = sharding_lib.derived_shardings(lambda p: step_lib.init_state(p, tx), shapes, params_sh, mesh)
+    state = jax.lax.with_sharding_constraint(step_lib.init_state(params, tx), state_sh)
+    return _Built(state, params_sh, state_sh)
 
-  net = objective.abstract()  # the model's init, traced once per process: shapes and logical axes
-  params_sh = sharding_lib.param_shardings(net.shapes, net.axes, rules, mesh)
-  # Adam's moments and the EMA take their parameter's sharding, counters and loss statistics are replicated.
-  state_sh = sharding_lib.derived_shardings(lambda p: step_lib.init_state(p, tx), net.shapes, params_sh, mesh)
-  state = jax.jit(make_state, out_shardings=state_sh)(jax.random.key(c.seed))
-  return Run(c, corpus, mesh, state, state_sh, params_sh, sharding_lib.batch_sharding(mesh, rules), tx, net.axes,
-             objective)
+  # The arrays come out laid out as state_sh says (XLA spells their specs without trailing Nones); the run keeps
+  # state_sh itself, which the compiled step takes and gives back.
+  built = jax.jit(make_state)(jax.random.key(c.seed))
+  net = objective.abstract()  # the structure the init above kept: no second trace
+  return Run(c, corpus, mesh, built.state, built.state_sharding, built.params_sharding,
+             sharding_lib.batch_sharding(mesh, rules), tx, net.axes, objective)
 
 
 def compile_step(run: Run):
