@@ -82,10 +82,13 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
+_PCI_DEVICES = "/sys/bus/pci/devices"
+
+
 def _tpu_chips() -> int:
-  """TPU chips on this host, read from PCI ids without starting a backend (0 when unknown)."""
+  """TPU chips on this host, read from PCI ids (under _PCI_DEVICES) without starting a backend (0 when unknown)."""
   chips = 0
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+  for vendor in glob.glob(os.path.join(_PCI_DEVICES, "*", "vendor")):
     directory = os.path.dirname(vendor)
     try:
       if _read(vendor) != _GOOGLE_PCI_VENDOR:

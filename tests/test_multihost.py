@@ -275,3 +275,33 @@ def test_arrayrecord_training_streams_the_shards_and_matches_the_in_memory_path(
   from_memory = pipeline.train_iterator(train_rows, **kw)
   for _ in range(3):
     np.testing.assert_array_equal(next(from_shards)["tokens"], next(from_memory)["tokens"])
+
+
+def test_tpu_chips_are_counted_from_pci_ids_and_mark_a_tpu_host(tmp_path, monkeypatch):
+  """Google's NIC and disks share its vendor id and are not chips; a known TPU id, or a Google device of another
+  class (a generation newer than the list), is one; other vendors are not; unreadable entries are skipped."""
+  from replaid_jax import distributed  # pylint: disable=g-import-not-at-top
+  devices = {
+      "0000:00:04.0": ("0x1ae0", "0x0042", "0x020000"),  # Google virtual NIC
+      "0000:00:05.0": ("0x1ae0", "0x001f", "0x010802"),  # Google NVMe disk
+      "0000:00:06.0": ("0x1ae0", "0x005e", "0x120000"),  # TPU v4
+      "0000:00:07.0": ("0x1ae0", "0x0063", "0x020000"),  # a listed TPU id counts whatever its class
+      "0000:00:08.0": ("0x1ae0", "0x0099", "0x120000"),  # unknown Google device, not storage or network
+      "0000:00:09.0": ("0x10de", "0x2335", "0x030200"),  # an NVIDIA GPU
+  }
+  for name, (vendor, device, pci_class) in devices.items():
+    d = tmp_path / name
+    d.mkdir()
+    (d / "vendor").write_text(vendor + "\n")
+    (d / "device").write_text(device + "\n")
+    (d / "class").write_text(pci_class + "\n")
+  (tmp_path / "0000:00:0a.0").mkdir()
+  (tmp_path / "0000:00:0a.0" / "vendor").write_text("0x1ae0\n")  # no device file: skipped
+  for name in (*distributed._TPU_ENV, "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",  # pylint: disable=protected-access
+               "OMPI_MCA_orte_hnp_uri"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed, "_PCI_DEVICES", str(tmp_path))
+  assert distributed._tpu_chips() == 3  # pylint: disable=protected-access
+  assert distributed.detect_cluster() == "tpu"
+  monkeypatch.setattr(distributed, "_PCI_DEVICES", str(tmp_path / "none"))
+  assert distributed._tpu_chips() == 0 and distributed.detect_cluster() is None  # pylint: disable=protected-access
