@@ -88,7 +88,7 @@ def prior_kl(gamma_1: jax.Array, e_BLE: jax.Array) -> jax.Array:
   """(2): mean over positions of KL(N(alpha_1 e, sigma_1^2 I) || N(0, I)); [B]."""
   d = e_BLE.shape[-1]
   g1 = gamma_1[:, None]
-  alpha2 = jax.nn.sigmoid(-g1)
+  alpha2, _ = noise_schedule.alpha_sigma2(g1)
   kl = 0.5 * (-d * jax.nn.log_sigmoid(g1) - d * alpha2 + alpha2 * jnp.sum(jnp.square(e_BLE), -1))
   return jnp.mean(kl, axis=-1)
 

@@ -36,6 +36,7 @@ from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import guidance
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
+from replaid_jax.models import noise_schedule
 
 METHODS = ("ddpm", "ddim", "dpm2m")
 TIME_GRIDS = ("uniform", "quadratic", "logsnr")
@@ -208,7 +209,7 @@ def _loop(denoiser, params, table_VE, key, sample_ids_B, coefs, final, cond, sco
   ones = jnp.ones((num_samples,), jnp.float32)
   inv_temp = 1.0 / score_temp
   if clamped:  # z_1 of the known positions: alpha_1 e + sigma_1 xi.
-    a1, s1 = jnp.sqrt(jax.nn.sigmoid(-coefs["gamma_t"][0])), jnp.sqrt(jax.nn.sigmoid(coefs["gamma_t"][0]))
+    a1, s1 = (jnp.sqrt(x) for x in noise_schedule.alpha_sigma2(coefs["gamma_t"][0]))
     z = guidance.clamp_latents(z, cond, table_VE, a1, s1, _normal(k_clamp, jnp.int32(num_steps), shape))
 
   def step(carry, xs):
