@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from replaid_jax.diffusion import time_sampling
 from replaid_jax.objectives import base
 from replaid_jax.objectives import token_model
 
@@ -40,7 +41,7 @@ class DiscreteDiffusion(base.Objective):
   def setup(self, state, batch, key):
     """One lattice over the global batch: row b gets the time of (b + u)/B, with one u ~ U(0, 1) per step."""
     u = jax.random.uniform(key, (), jnp.float32)
-    return base.RowSetup(self.time_of((jnp.arange(batch, dtype=jnp.float32) + u) / batch),
+    return base.RowSetup(self.time_of(time_sampling.low_discrepancy(u, batch)),
                          jnp.asarray(batch, jnp.float32))
 
   def metrics(self, terms, setup, params):
