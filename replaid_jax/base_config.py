@@ -39,10 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.head_init_scale = 0.0  # output projection init: 0 (zeros, DiT) or N(0, (scale/sqrt(width))^2)
   m.gate_init = 0.0  # initial adaLN residual gates: 0 (adaLN-Zero) or a constant
   m.input_posterior = False  # also feed each position's own-z token posterior, embedded by a V x D table, to h_0
-  # "none" (RoPE only, the DiT's attention) or "alibi": RoPE plus a fixed penalty -s_h |i - j| on the attention
-  # logits, with per-head slopes s_h = 2^(-8h/H), h = 0..H-1 (head 0 local, the last nearly global); a study switch
-  # for the plateau (docs/plateau.md), a departure from the DiT.
-  m.attention_bias = "none"
+  # A study switch for the plateau (docs/plateau.md), a departure from the DiT: "alibi" adds a fixed penalty
+  # -s_h |i - j| to the attention logits, next to RoPE, with slopes s_h = 2^(-8h/H), h = 0..H-1 (head 0 local).
+  m.attention_bias = "none"  # "none" (RoPE only, the DiT's attention) or "alibi" (RoPE and the locality penalty)
   m.block = "dit"  # "dit" (adaLN-Zero, LayerNorm, MLP biases) or "plaid" (the original Plaid block, ablation)
 
   # ---- diffusion: the ELBO, its estimator and the schedule.
