@@ -268,44 +268,9 @@ def resume(ckpt: ckpt_lib.Checkpointer, run: Run, train_iter: Any, config_dict: 
     return None, None
   abstract = ckpt_lib.abstract_like(run.state)
   for s in steps:
-    status, why = ckpt.verify(s)
-    if status == ckpt_lib.DAMAGED:
+    state, changes, why = _restore_step(ckpt, s, run, train_iter, abstract, config_dict, allow_config_changes)
+    if state is None:
       damaged.append((s, why))
-      continue
-    try:
-      saved = ckpt.metadata(s)
-      if not isinstance(saved, dict):
-        raise ValueError("the metadata is not a JSON object")
-    except Exception as e:  # pylint: disable=broad-except
-      if status == ckpt_lib.OK:
-        raise errors.CheckpointError(f"the metadata of checkpoint step {s} in {ckpt.directory} cannot be read "
-                                     f"({type(e).__name__}: {str(e)[:300]}); resume with the code version that "
-                                     "wrote it.") from None
-      damaged.append((s, f"its metadata cannot be read ({type(e).__name__})"))
-      continue
-    check_resume_compatible(saved, run)
-    current = config_dict
-    if isinstance(saved.get("sizing"), dict):  # a sized run keeps the step count decided when it started
-      current = {**config_dict, "train": {**config_dict["train"], "num_steps": saved["sizing"]["num_steps"]}}
-    changes = config_lib.config_changes(saved.get("config") or {}, current)
-    frozen = [ch for ch in changes if config_lib.frozen_on_resume(ch[0])]
-    if frozen and not allow_config_changes:
-      raise errors.ConfigError(
-          f"the config differs from the one checkpoint step {s} was trained with in key(s) that change the model, "
-          f"data or objective: {config_lib.describe_changes(frozen)}; resume with the saved values, use a new "
-          "--workdir, or pass --allow_config_changes to resume anyway.")
-    try:
-      state = ckpt.restore_state(s, abstract, train_iter)
-    except Exception as e:  # pylint: disable=broad-except
-      if status == ckpt_lib.OK or jax.process_count() > 1:
-        changed = f" The config differs from the saved one in: {config_lib.describe_changes(changes)}." if changes else ""
-        raise errors.CheckpointError(
-            f"checkpoint step {s} in {ckpt.directory} does not fit the train state built from this config "
-            f"({type(e).__name__}: {str(e)[:300]}).{changed} Resume with the config that wrote it.") from None
-      damaged.append((s, f"it cannot be restored ({type(e).__name__}: {str(e)[:120]})"))
-      continue
-    if not ckpt_lib.all_finite((state.params, state.ema_params, state.opt_state)):
-      damaged.append((s, "it holds non-finite parameters, EMA or optimizer state"))
       continue
     if changes:
       logging.warning("resuming from step %d with a config that differs from the saved one: %s", s,
@@ -320,6 +285,60 @@ def resume(ckpt: ckpt_lib.Checkpointer, run: Run, train_iter: Any, config_dict: 
       f"no intact checkpoint in {ckpt.directory}: "
       + "; ".join(f"step {d}: {why}" for d, why in damaged)
       + ". Restore the files, or move the checkpoints away (or use a new --workdir) to start again.")
+
+
+def _restore_step(ckpt: ckpt_lib.Checkpointer, s: int, run: Run, train_iter: Any, abstract: Any, config_dict: dict,
+                  allow_config_changes: bool) -> tuple[step_lib.TrainState | None, list[tuple[str, Any, Any]], str]:
+  """(state, config changes, "") restored from checkpoint step `s`, or (None, [], why) when the step is damaged.
+
+  Stops the run (raises) where a damaged step is not the explanation: metadata or a state that cannot be read
+  although the checksums verify, another tokenizer or vocabulary, or changes to frozen config keys (see
+  `_resume_config_changes`).
+  """
+  status, why = ckpt.verify(s)
+  if status == ckpt_lib.DAMAGED:
+    return None, [], why
+  try:
+    saved = ckpt.metadata(s)
+    if not isinstance(saved, dict):
+      raise ValueError("the metadata is not a JSON object")
+  except Exception as e:  # pylint: disable=broad-except
+    if status == ckpt_lib.OK:
+      raise errors.CheckpointError(f"the metadata of checkpoint step {s} in {ckpt.directory} cannot be read "
+                                   f"({type(e).__name__}: {str(e)[:300]}); resume with the code version that "
+                                   "wrote it.") from None
+    return None, [], f"its metadata cannot be read ({type(e).__name__})"
+  check_resume_compatible(saved, run)
+  changes = _resume_config_changes(saved, config_dict, s, allow_config_changes)
+  try:
+    state = ckpt.restore_state(s, abstract, train_iter)
+  except Exception as e:  # pylint: disable=broad-except
+    if status == ckpt_lib.OK or jax.process_count() > 1:
+      changed = f" The config differs from the saved one in: {config_lib.describe_changes(changes)}." if changes else ""
+      raise errors.CheckpointError(
+          f"checkpoint step {s} in {ckpt.directory} does not fit the train state built from this config "
+          f"({type(e).__name__}: {str(e)[:300]}).{changed} Resume with the config that wrote it.") from None
+    return None, [], f"it cannot be restored ({type(e).__name__}: {str(e)[:120]})"
+  if not ckpt_lib.all_finite((state.params, state.ema_params, state.opt_state)):
+    return None, [], "it holds non-finite parameters, EMA or optimizer state"
+  return state, changes, ""
+
+
+def _resume_config_changes(saved: dict, config_dict: dict, s: int, allow_config_changes: bool
+                           ) -> list[tuple[str, Any, Any]]:
+  """The differences between the config checkpoint step `s` was trained with and this one; raises on those that
+  change the model, data or objective unless `allow_config_changes`."""
+  current = config_dict
+  if isinstance(saved.get("sizing"), dict):  # a sized run keeps the step count decided when it started
+    current = {**config_dict, "train": {**config_dict["train"], "num_steps": saved["sizing"]["num_steps"]}}
+  changes = config_lib.config_changes(saved.get("config") or {}, current)
+  frozen = [ch for ch in changes if config_lib.frozen_on_resume(ch[0])]
+  if frozen and not allow_config_changes:
+    raise errors.ConfigError(
+        f"the config differs from the one checkpoint step {s} was trained with in key(s) that change the model, "
+        f"data or objective: {config_lib.describe_changes(frozen)}; resume with the saved values, use a new "
+        "--workdir, or pass --allow_config_changes to resume anyway.")
+  return changes
 
 
 def _train(config: ml_collections.ConfigDict, c: config_lib.Config, workdir: str, t_start: float, *,
