@@ -559,13 +559,14 @@ class _Session:
   It holds what the steps share: the run and its config (both replaced when train.size_to_minutes sizes the run),
   the compiled step, the train state, the progress and pace, the non-finite tally, the time of the last evaluation
   and the step of the last checkpoint. `_loop` calls its phases in order: `compile`, `plan_sizing`, `start`,
-  `train`, `finish`.
+  `train` (which calls `run_step` per step), `finish`.
   """
 
   def __init__(self, c, run, corpus, ckpt, writer, train_iter, meta, state, latest, workdir, t_start, stop_after,
                steps_per_second):
     self.c, self.run, self.corpus, self.ckpt, self.writer = c, run, corpus, ckpt, writer
-    self.train_iter, self.meta, self.state, self.latest = train_iter, meta, state, latest
+    self.train_iter, self.meta, self.state = train_iter, meta, state
+    self.latest = latest  # the checkpoint step the run resumed from, None for a new run
     self.workdir, self.t_start, self.stop_after = workdir, t_start, stop_after
     self.steps_per_second = steps_per_second  # given instead of measured (see train_and_evaluate)
 
@@ -585,6 +586,7 @@ class _Session:
     self._count_flops()
 
   def _count_flops(self) -> None:
+    """The FLOPs of a step (analytic, and XLA's) and the peak that MFU is measured against; logged and written."""
     c, run = self.c, self.run
     fwd = flops_lib.config_forward_flops(c, token_input=run.objective.token_input)
     fwd_xla = flops_lib.xla_forward_flops(run.objective, run.state.params, c.data.seq_len)
@@ -663,14 +665,17 @@ class _Session:
     self.nonfinite = _NonfiniteTally()
 
   def out_of_time(self) -> bool:
+    """Whether train.max_minutes is spent."""
     return self.deadline is not None and time.time() >= self.deadline
 
   def new_progress(self) -> progress_lib.Progress:
+    """A progress line for the current train.num_steps, with train.max_minutes' deadline."""
     return progress_lib.Progress(
         self.c.train.num_steps, unit="steps", label="train", start=self.start_step,
         deadline=None if self.deadline is None else time.monotonic() + self.deadline - time.time())
 
   def _stop_at(self) -> int:
+    """The step this invocation stops at: train.num_steps, or sooner with `stop_after`."""
     c = self.c
     return c.train.num_steps if self.stop_after is None else min(c.train.num_steps, self.start_step + self.stop_after)
 
@@ -679,13 +684,13 @@ class _Session:
     self.stop_at = self._stop_at()
     self.t_loop = time.time()
     while self.step < self.stop_at and not self.out_of_time():
-      if not self.train_step():
+      if not self.run_step():
         self.preempted = True
         break
     self._log_pending()
     self.nonfinite.check(self.c, self.ckpt)
 
-  def train_step(self) -> bool:
+  def run_step(self) -> bool:
     """One step and what falls due after it: sizing, logs, a checkpoint, an evaluation, the next batch.
 
     False when a preemption notice stops the run at this step.
@@ -731,6 +736,7 @@ class _Session:
     self.stop_at = self._stop_at()
 
   def _log_pending(self) -> None:
+    """Logs the row held back in self.pending, if any."""
     if self.pending is not None:
       self.log(*self.pending)
       self.pending = None
