@@ -512,12 +512,31 @@ def size_run(run: Run, rate: float, *, done: int, t_start: float, compile_s: flo
   return with_num_steps(run, steps), record
 
 
-def _pace(pace: dict, step: int) -> float | None:
-  """Steps/s since pace["origin"], the time spent in in-loop evaluations left out; None before a step is timed."""
-  if pace["origin"] is None or step <= pace["origin"][1]:
-    return None
-  seconds = time.monotonic() - pace["origin"][0] - pace["evaluating"]
-  return (step - pace["origin"][1]) / seconds if seconds > 0 else None
+class _Pace:
+  """The training pace, in-loop evaluations left out: steps/s from an origin (monotonic time, step), less the
+  seconds the evaluations took since; `cost` is the latest evaluation's, what the next one is expected to take."""
+
+  def __init__(self):
+    self.origin: tuple[float, int] | None = None
+    self.evaluating = 0.0
+    self.cost = 0.0
+
+  def restart(self, step: int, now: float | None = None) -> None:
+    """Measures from `step`, done at `now` (default: the clock's time), on."""
+    self.origin = (time.monotonic() if now is None else now, step)
+    self.evaluating = 0.0
+
+  def evaluated(self, seconds: float) -> None:
+    """Records an in-loop evaluation that took `seconds`."""
+    self.cost = seconds
+    self.evaluating += seconds
+
+  def rate(self, step: int) -> float | None:
+    """Steps/s since the origin, evaluations left out; None before a step is timed."""
+    if self.origin is None or step <= self.origin[1]:
+      return None
+    seconds = time.monotonic() - self.origin[0] - self.evaluating
+    return (step - self.origin[1]) / seconds if seconds > 0 else None
 
 
 class _NonfiniteTally:
@@ -655,9 +674,7 @@ class _Session:
     self.progress = self.new_progress()
     self.tokens_per_step = c.train.batch_size * c.data.seq_len
     self.last_eval_time = time.time()
-    # The training pace, evaluations left out: measured from `origin` (monotonic time, step), less the seconds the
-    # in-loop evaluations took since; `cost` is the latest one's, what the next is expected to take.
-    self.pace = {"origin": None, "evaluating": 0.0, "cost": 0.0}
+    self.pace = _Pace()
     self.pending = None  # (step, metrics) of the row to log at the next step, once that step is dispatched
     self.step = self.start_step
     self.last_saved = self.latest
@@ -702,7 +719,7 @@ class _Session:
       jax.block_until_ready(self.state)
       self.progress.update(step)
       self.t_first = time.monotonic()
-      self.pace.update(origin=(self.t_first, step), evaluating=0.0)
+      self.pace.restart(step, self.t_first)
     if step == self.size_at:
       self._size_in_loop()
     c = self.c
@@ -732,7 +749,7 @@ class _Session:
                                 measured=self.steps_per_second is None))
     self.progress = self.new_progress()  # measured again from here: the rate leaves out the second compilation too
     self.progress.update(step)
-    self.pace.update(origin=(time.monotonic(), step), evaluating=0.0)
+    self.pace.restart(step)
     self.stop_at = self._stop_at()
 
   def _log_pending(self) -> None:
@@ -749,11 +766,11 @@ class _Session:
     if not ((c.train.eval_every and step % c.train.eval_every == 0) or minutes_due) or step >= c.train.num_steps:
       return
     if self.deadline is not None and not evaluation_fits(
-        c.train.num_steps - step, _pace(self.pace, step), self.pace["cost"], self.deadline - time.time()):
+        c.train.num_steps - step, self.pace.rate(step), self.pace.cost, self.deadline - time.time()):
       self.last_eval_time = time.time()
       logging.info("skipped the evaluation at step %d: the %d steps left fit the %.0f s left of train.max_minutes "
                    "only without it (%.0f s at the last one)", step, c.train.num_steps - step,
-                   self.deadline - time.time(), self.pace["cost"])
+                   self.deadline - time.time(), self.pace.cost)
       return
     self.nonfinite.check(c, self.ckpt)
     self.validate(step, final=False)
@@ -808,8 +825,7 @@ class _Session:
       self._plot(step_done)
     self.last_eval_time = time.time()
     if not final:
-      self.pace["cost"] = time.monotonic() - t_eval
-      self.pace["evaluating"] += self.pace["cost"]
+      self.pace.evaluated(time.monotonic() - t_eval)
     return res
 
   def _plot(self, step_done: int) -> None:
