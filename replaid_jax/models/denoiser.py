@@ -100,15 +100,24 @@ class PlaidBlocks(nnx.Module):
     return partitioning.constrain(x_BLD + scale * layers.dense(h, self.mlp_w2[...], dtype=dt), ACT)
 
 
-def _attention(blk: DitBlocks | PlaidBlocks, h: jax.Array, rope: tuple) -> jax.Array:
-  cfg = blk.cfg
+def attention_operands(cfg: model_config.ModelConfig, qkv_DTHK: jax.Array, h_BLD: jax.Array, rope: tuple
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """(q, k, v [B, L, H, K], additive bias [H, L, L] or None) of one block's attention: the projection of the
+  normalised residual stream, RoPE on q and k, and model.attention_bias."""
   dt = jnp.dtype(cfg.compute_dtype)
-  qkv = jnp.einsum("bld,dthk->tblhk", h.astype(dt), blk.qkv[...].astype(dt))
+  qkv = jnp.einsum("bld,dthk->tblhk", h_BLD.astype(dt), qkv_DTHK.astype(dt))
   qkv = partitioning.constrain(qkv, (None, "batch", None, "heads", None))
   q = layers.apply_rope(qkv[0], *rope)
   k = layers.apply_rope(qkv[1], *rope)
-  bias = layers.alibi_bias(h.shape[1], cfg.num_heads) if cfg.attention_bias == "alibi" else None
-  att = layers.attention(q, k, qkv[2], causal=cfg.causal, bias_HLL=bias)
+  bias = layers.alibi_bias(h_BLD.shape[1], cfg.num_heads) if cfg.attention_bias == "alibi" else None
+  return q, k, qkv[2], bias
+
+
+def _attention(blk: DitBlocks | PlaidBlocks, h: jax.Array, rope: tuple) -> jax.Array:
+  cfg = blk.cfg
+  q, k, v, bias = attention_operands(cfg, blk.qkv[...], h, rope)
+  att = layers.attention(q, k, v, causal=cfg.causal, bias_HLL=bias)
+  dt = jnp.dtype(cfg.compute_dtype)
   return jnp.einsum("blhk,hkd->bld", att, blk.attn_out[...].astype(dt), preferred_element_type=jnp.float32)
 
 
@@ -178,6 +187,12 @@ class Denoiser(nnx.Module):
     With `cfg.input_posterior`, `posterior_BLV` (each position's token posterior
     given its own z_t alone) is embedded by a V x D table and added to h_0.
     """
+    return self.trunk(self.inputs(z_BLE, x_sc_BLE, alpha2_B, sigma2_B, posterior_BLV=posterior_BLV), cond_B,
+                      unroll=unroll)
+
+  def inputs(self, z_BLE: jax.Array, x_sc_BLE: jax.Array, alpha2_B: jax.Array, sigma2_B: jax.Array, *,
+             posterior_BLV: jax.Array | None = None) -> jax.Array:
+    """h_0 [B, L, D]: the scaled noisy embeddings and the self-conditioning input, projected to the width."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.compute_dtype)
     e = cfg.embed_dim
@@ -187,7 +202,7 @@ class Denoiser(nnx.Module):
                                                                     dtype=dt)
     if cfg.input_posterior:
       x = x + layers.dense(posterior_BLV, self.in_post[...], dtype=dt)
-    return self.trunk(x, cond_B, unroll=unroll)
+    return x
 
   def tokens(self, tokens_BL: jax.Array, cond_B: jax.Array, *, unroll: bool = False) -> jax.Array:
     """Network logits [B, L, V] from input token ids (token-input models)."""

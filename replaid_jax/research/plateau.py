@@ -22,6 +22,7 @@ from replaid_jax import config_lib
 from replaid_jax.data import pipeline
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import diagnostics
+from replaid_jax.models import denoiser as denoiser_lib
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
@@ -178,21 +179,21 @@ def attention_by_distance(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus
     raise ValueError(f"the attention profile reads DiT blocks; got model.block={c.model.block!r}.")
   params, _ = model_lib.init(jax.random.key(seed), c.model, gamma_0=c.diffusion.gamma_0,
                              gamma_1=c.diffusion.gamma_1, output_bias=loop.output_bias(c, corpus))
-  den, m = params["denoiser"], c.model
+  net, m = model_lib.bind(model_lib.abstract(c.model).graphdef, params).denoiser, c.model
   tokens = jnp.asarray(corpus.val[:rows], jnp.int32)
   e = embedding.lookup(embedding.normalized(params["embedding"]), tokens)
-  alpha2, sigma2 = noise_schedule.alpha_sigma2(jnp.float32(gamma))
-  z = jnp.sqrt(alpha2) * e + jnp.sqrt(sigma2) * jax.random.normal(jax.random.key(seed + 1), e.shape)
-  x = layers.dense(z * jax.lax.rsqrt(alpha2 / m.embed_dim + sigma2), den["in_proj"])
-  blk = den["blocks"]
+  alpha2, sigma2 = noise_schedule.alpha_sigma2(jnp.full((tokens.shape[0],), gamma, jnp.float32))
+  z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(
+      jax.random.key(seed + 1), e.shape)
+  x = net.inputs(z, jnp.zeros_like(z), alpha2, sigma2)
+  blk = params["denoiser"]["blocks"]
   shift, scale = jnp.split(blk["adaln_b"][0], 6)[:2]  # the adaLN weights are zero at initialisation
   h = layers.modulate(layers.layer_norm(x, blk["ln1"][0]), shift[None], scale[None])
-  qkv = jnp.einsum("bld,dthk->tblhk", h, blk["qkv"][0])
   rope = layers.rope_tables(tokens.shape[1], m.head_dim, m.rope_base)
-  q, k = layers.apply_rope(qkv[0], *rope), layers.apply_rope(qkv[1], *rope)
+  q, k, _, bias = denoiser_lib.attention_operands(m, blk["qkv"][0], h, rope)
   logits = jnp.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(m.head_dim)
-  if m.attention_bias == "alibi":
-    logits = logits + layers.alibi_bias(tokens.shape[1], m.num_heads)[None]
+  if bias is not None:
+    logits = logits + bias[None]
   w = np.asarray(jax.nn.softmax(logits, axis=-1).mean(0))  # [H, L, L]
   length = w.shape[-1]
   dist = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
