@@ -34,7 +34,7 @@ def test_a_checkpoint_written_before_the_flax_modules_loads_with_the_same_parame
   for name, value in saved.items():
     np.testing.assert_array_equal(flat[name], value, err_msg=name)
   g = jnp.asarray(expected["gamma"])
-  logits, x_hat = model_lib.predict(params, jnp.asarray(expected["z"]), g, g, jnp.asarray(expected["x_sc"]),
+  logits, x_hat = model_lib.predict(params, jnp.asarray(expected["z"]), g, jnp.asarray(expected["x_sc"]),
                                     cfg=c.model, prior_scale=1.0)
   np.testing.assert_allclose(np.asarray(logits), expected["logits"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(x_hat), expected["x_hat"], rtol=1e-5, atol=1e-6)

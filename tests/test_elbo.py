@@ -61,7 +61,7 @@ def test_reconstruction_term_is_the_cross_entropy_at_gamma0(params):
   e = embedding.lookup(embedding.normalized(params["embedding"]), tokens)
   z0 = jnp.sqrt(jax.nn.sigmoid(-g0)) * e + jnp.sqrt(jax.nn.sigmoid(g0)) * noise
   g = jnp.full((B,), g0)
-  logits, _ = model_lib.predict(params, z0, g, t, jnp.zeros_like(z0), cfg=TINY_MODEL, prior_scale=1.0)
+  logits, _ = model_lib.predict(params, z0, g, jnp.zeros_like(z0), cfg=TINY_MODEL, prior_scale=1.0)
   logits = np.asarray(logits, np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   ce = logz - np.take_along_axis(logits, np.asarray(tokens)[..., None], -1)[..., 0]
@@ -93,7 +93,7 @@ def test_diffusion_term_integrates_to_the_discrete_time_kl_sum(params):
   z_t = np.sqrt(a2[1:, None, None]) * e + np.sqrt(s2[1:, None, None]) * eps  # [T, L, d]
   g_t = jnp.asarray(gam[1:], jnp.float32)
   _, x_hat = jax.jit(functools.partial(model_lib.predict, cfg=TINY_MODEL, prior_scale=1.0))(
-      params, jnp.asarray(z_t, jnp.float32), g_t, g_t, jnp.zeros(z_t.shape, jnp.float32))
+      params, jnp.asarray(z_t, jnp.float32), g_t, jnp.zeros(z_t.shape, jnp.float32))
   x_hat = np.asarray(x_hat, np.float64)
   at, as_ = np.sqrt(a2[1:]), np.sqrt(a2[:-1])
   st2, ss2 = s2[1:], s2[:-1]

@@ -75,7 +75,7 @@ def test_fresh_model_outputs_are_exactly_bias_plus_output_prior():
   """adaLN-Zero gates and the zero-initialised output layer: at init the network adds only its bias."""
   params, _ = model_lib.init(jax.random.key(0), TINY_MODEL, gamma_0=-3.0, gamma_1=6.0)
   z, g, x_sc = _inputs(jax.random.key(1))
-  logits, x_hat = model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)
+  logits, x_hat = model_lib.predict(params, z, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)
   table = embedding.normalized(params["embedding"])
   a2, s2 = noise_schedule.alpha_sigma2(g)
   # Independent form: log N(z; alpha e_v, sigma^2 I) up to a per-position constant.
@@ -87,17 +87,34 @@ def test_fresh_model_outputs_are_exactly_bias_plus_output_prior():
 def test_expected_embedding_is_softmax_times_embeddings():
   params = perturbed_params(jax.random.key(2))
   z, g, x_sc = _inputs(jax.random.key(3))
-  logits, x_hat = model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=0.7)
+  logits, x_hat = model_lib.predict(params, z, g, x_sc, cfg=TINY_MODEL, prior_scale=0.7)
   np.testing.assert_allclose(x_hat, jax.nn.softmax(logits) @ embedding.normalized(params["embedding"]), atol=1e-5)
 
 
 def test_self_conditioning_projection_starts_at_zero_and_then_matters():
   params, _ = model_lib.init(jax.random.key(0), TINY_MODEL, gamma_0=-3.0, gamma_1=6.0)
   z, g, x_sc = _inputs(jax.random.key(4))
-  f = lambda p, sc: model_lib.predict(p, z, g, g, sc, cfg=TINY_MODEL, prior_scale=1.0)[0]
+  f = lambda p, sc: model_lib.predict(p, z, g, sc, cfg=TINY_MODEL, prior_scale=1.0)[0]
   np.testing.assert_array_equal(f(params, x_sc), f(params, jnp.zeros_like(x_sc)))
   pert = perturbed_params(jax.random.key(5))
   assert float(jnp.max(jnp.abs(f(pert, x_sc) - f(pert, jnp.zeros_like(x_sc))))) > 1e-3
+
+
+def test_the_noise_level_is_the_one_input_unless_the_model_conditions_on_t():
+  """gamma drives the adaLN by default; the cond_input='t' ablation reads t (and refuses to run without it)."""
+  z, g, x_sc = _inputs(jax.random.key(10))
+  params = perturbed_params(jax.random.key(11))
+  out = model_lib.predict(params, z, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)[0]
+  ignored = model_lib.predict(params, z, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0, t_B=jnp.full_like(g, 0.3))[0]
+  np.testing.assert_array_equal(ignored, out)
+  cfg_t = replace(TINY_MODEL, cond_input="t")
+  with pytest.raises(ValueError, match="cond_input='t'.*pass t_B"):
+    model_lib.predict(params, z, g, x_sc, cfg=cfg_t, prior_scale=1.0)
+  at = lambda t: model_lib.predict(params, z, g, x_sc, cfg=cfg_t, prior_scale=1.0, t_B=jnp.full_like(g, t))[0]
+  assert float(jnp.max(jnp.abs(at(0.2) - at(0.7)))) > 1e-3
+  # Its adaLN input is t where the default's is gamma: feeding t = gamma reproduces the default exactly.
+  np.testing.assert_allclose(model_lib.predict(params, z, g, x_sc, cfg=cfg_t, prior_scale=1.0, t_B=g)[0], out,
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_bidirectional_attention_sees_the_future_and_causal_does_not():
@@ -119,7 +136,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   out = {}
   for dt in ("float32", "bfloat16"):
     cfg = replace(TINY_MODEL, compute_dtype=dt)
-    out[dt] = model_lib.predict(params, z, g, g, x_sc, cfg=cfg, prior_scale=1.0)[1]
+    out[dt] = model_lib.predict(params, z, g, x_sc, cfg=cfg, prior_scale=1.0)[1]
     assert out[dt].dtype == jnp.float32
   np.testing.assert_allclose(out["bfloat16"], out["float32"], atol=5e-2)
 
@@ -128,7 +145,7 @@ def test_sequence_longer_than_max_seq_len_is_refused():
   params = perturbed_params(jax.random.key(0))
   z, g, x_sc = _inputs(jax.random.key(1), length=TINY_MODEL.max_seq_len + 1)
   with pytest.raises(ValueError, match="max_seq_len"):
-    model_lib.predict(params, z, g, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)
+    model_lib.predict(params, z, g, x_sc, cfg=TINY_MODEL, prior_scale=1.0)
 
 
 def test_the_structure_an_init_keeps_is_the_one_eval_shape_traces(monkeypatch):

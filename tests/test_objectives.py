@@ -384,6 +384,31 @@ def test_an_ar_run_judges_text_with_its_exact_nll(trained_runs):
 
 
 @pytest.mark.slow
+def test_every_objective_samples_through_the_one_cli_path_with_its_prompt_held(trained_runs, tmp_path):
+  """sample_checkpoint asks each objective to `generate`: the prompt's tokens come back where they were put,
+  the settings record is the objective's own, and a prompt a sampler cannot honour is refused by name."""
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  from replaid_jax.sample import run as sample_run  # pylint: disable=g-import-not-at-top
+  root, _ = trained_runs
+  base_over = {"num_samples": 3, "batch_size": 2, "steps": 4, "print_samples": 0, "progress": False}
+  for name in ("replaid", "ar", "mdlm", "duo"):
+    prompt = {"prefix": "ROMEO:"} if name == "ar" else {"prefix": "ROMEO:", "suffix": "night.", "condition": "clamp"}
+    out = tmp_path / f"{name}.jsonl"
+    summary = sample_run.sample_checkpoint(str(root / name), overrides={**base_over, **prompt}, output=str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and summary["objective"] == name
+    assert all(r["text"].startswith("ROMEO:") for r in rows), [r["text"] for r in rows]
+    if "suffix" in prompt:
+      assert all(r["text"].rstrip().endswith("night.") for r in rows), [r["text"] for r in rows]
+    assert summary["sampler"]["sampler"] == ("ddpm" if name == "replaid" else f"{name} ancestral")
+    assert summary["sampler"]["steps"] == (summary["sampler"]["seq_len"] if name == "ar" else 4)
+  with pytest.raises(errors.ConfigError, match="cannot condition on a suffix"):
+    sample_run.sample_checkpoint(str(root / "ar"), overrides={**base_over, "suffix": "night."})
+  with pytest.raises(errors.ConfigError, match="objective is 'mdlm'"):
+    sample_run.sample_checkpoint(str(root / "mdlm"), overrides={**base_over, "constraints": "love"})
+
+
+@pytest.mark.slow
 def test_curves_are_refused_for_a_baseline_checkpoint(trained_runs):
   root, _ = trained_runs
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top

@@ -42,7 +42,7 @@ PRIOR = np.array([0.2, 0.5, 0.3])
 N = 600
 
 
-def exact_denoiser(params, z, gamma, t, x_sc):
+def exact_denoiser(params, z, gamma, x_sc, *, t=None):
   """E[e | z_t] and the per-position token posteriors when x is SEQS[k] with probability PRIOR[k]."""
   del t, x_sc
   table = params["table"]
@@ -220,6 +220,18 @@ def test_time_grids():
   tq, gq = sampler.schedule_grid(params, 64, "learned", "quadratic")
   np.testing.assert_allclose(tq, np.linspace(0, 1, 65) ** 2)
   assert np.all(np.diff(gq) > 0) and np.all(np.diff(t) > 0)
+
+
+def test_time_of_gamma_inverts_the_schedule_and_pins_its_ends():
+  params = _numpy_schedule(seed=5)
+  t = np.array([0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0])
+  _, g_grid = sampler.schedule_grid(params, 1, "learned", "uniform")
+  g0, g1 = g_grid
+  gammas = g0 + (g1 - g0) * sampler._gamma_tilde64(params, t, "learned")
+  back = sampler.time_of_gamma(params, gammas, "learned")
+  np.testing.assert_allclose(back, t, atol=1e-9)
+  assert back[0] == 0.0 and back[-1] == 1.0
+  np.testing.assert_allclose(sampler.time_of_gamma(params, gammas, "linear_fixed"), (gammas - g0) / (g1 - g0))
 
 
 TINY_STEPS, TINY_LEN = 12, 16

@@ -97,7 +97,7 @@ def _rows_where(mask_B: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.where(mask_B.reshape(mask_B.shape + (1,) * (a.ndim - 1)), a, b)
 
 
-def _selfcond_input(params, z, g, t, plan: time_sampling.Plan, *, model_cfg, pscale, use_prior):
+def _selfcond_input(params, z, g, plan: time_sampling.Plan, *, model_cfg, pscale, use_prior):
   """x_sc: the no-gradient estimate x_hat(z_t, x_sc=0) on self-conditioned rows, 0 elsewhere."""
   if not plan.sc_period:
     return jnp.zeros_like(z)
@@ -105,8 +105,8 @@ def _selfcond_input(params, z, g, t, plan: time_sampling.Plan, *, model_cfg, psc
   rows = plan.sc_offset + plan.sc_period * jnp.arange(batch // plan.sc_period)
   pick = lambda x: jnp.take(x, rows, axis=0)
   _, x_hat = model_lib.predict(
-      sg(params), sg(pick(z)), sg(pick(g)), pick(t), jnp.zeros_like(pick(z)),
-      cfg=model_cfg, prior_scale=pscale, use_output_prior=use_prior,
+      sg(params), sg(pick(z)), sg(pick(g)), jnp.zeros_like(pick(z)),
+      cfg=model_cfg, prior_scale=pscale, t_B=pick(plan.t), use_output_prior=use_prior,
   )
   return jnp.zeros_like(z).at[rows].set(sg(x_hat))
 
@@ -143,10 +143,10 @@ def per_example_terms(
   eps = jax.random.normal(key, e.shape, jnp.float32) if noise is None else noise
   z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * eps
 
-  x_sc = _selfcond_input(params, z, g, plan.t, plan, model_cfg=model_cfg, pscale=pscale, use_prior=cfg.output_prior)
+  x_sc = _selfcond_input(params, z, g, plan, model_cfg=model_cfg, pscale=pscale, use_prior=cfg.output_prior)
   logits, x_hat = model_lib.predict(
-      params, z, g, plan.t, x_sc,
-      cfg=model_cfg, prior_scale=pscale, use_output_prior=cfg.output_prior,
+      params, z, g, x_sc,
+      cfg=model_cfg, prior_scale=pscale, t_B=plan.t, use_output_prior=cfg.output_prior,
       detach_embeddings_B=sc if plan.sc_period else None,
   )
 

@@ -47,14 +47,17 @@ _TRACES: dict[tuple, int] = {}
 
 
 class Denoiser(Protocol):
-  """(params, z [B, L, d], gamma [B], t [B], x_sc [B, L, d]) -> (logits [B, L, V], x_hat [B, L, d]).
+  """(params, z [B, L, d], gamma [B], x_sc [B, L, d]; t [B]) -> (logits [B, L, V], x_hat [B, L, d]).
+
+  gamma is the noise level; `t`, the grid time at which the schedule gives it,
+  matters only to a model that conditions on t (the `model.cond_input` ablation).
 
   Must be hashable (it is a static argument of the jitted loop): a module-level
   function or a frozen dataclass, so that equal denoisers share one compile.
   """
 
-  def __call__(self, params: Any, z: jax.Array, gamma: jax.Array, t: jax.Array,
-               x_sc: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, params: Any, z: jax.Array, gamma: jax.Array, x_sc: jax.Array, *,
+               t: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     ...
 
 
@@ -65,8 +68,8 @@ class ModelDenoiser:
   model_cfg: model_lib.ModelConfig
   output_prior: bool = True
 
-  def __call__(self, params, z, gamma, t, x_sc):
-    return model_lib.predict(params, z, gamma, t, x_sc, cfg=self.model_cfg, prior_scale=1.0,
+  def __call__(self, params, z, gamma, x_sc, *, t=None):
+    return model_lib.predict(params, z, gamma, x_sc, cfg=self.model_cfg, prior_scale=1.0, t_B=t,
                              use_output_prior=self.output_prior)
 
 
@@ -132,7 +135,8 @@ def schedule_grid(params: dict, num_steps: int, schedule: str, grid: str = "unif
 
 
 def _invert_gamma_tilde(params: dict, target: np.ndarray, schedule: str, iters: int = 60) -> np.ndarray:
-  """t with gamma~(t) = target, by bisection (gamma~ is increasing)."""
+  """t with gamma~(t) = target, by bisection (gamma~ is increasing); targets 0 and 1 give t = 0 and 1 exactly."""
+  target = np.asarray(target, np.float64)
   if schedule == "linear_fixed":
     return target.copy()
   lo, hi = np.zeros_like(target), np.ones_like(target)
@@ -140,9 +144,17 @@ def _invert_gamma_tilde(params: dict, target: np.ndarray, schedule: str, iters: 
     mid = 0.5 * (lo + hi)
     below = _gamma_tilde64(params, mid, schedule) < target
     lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-  t = 0.5 * (lo + hi)
-  t[0], t[-1] = 0.0, 1.0
-  return t
+  return np.where(target <= 0.0, 0.0, np.where(target >= 1.0, 1.0, 0.5 * (lo + hi)))
+
+
+def time_of_gamma(params: dict, gammas: np.ndarray, schedule: str) -> np.ndarray:
+  """The times t in [0, 1] at which the schedule gives the noise levels `gammas` (float64, by bisection).
+
+  What a t-conditioned model (`model.cond_input='t'`) needs beside gamma when
+  it is evaluated at fixed noise levels.
+  """
+  g0, g1 = _bounds64(params)
+  return _invert_gamma_tilde(params, (np.asarray(gammas, np.float64) - g0) / (g1 - g0), schedule)
 
 
 def coefficients(t: np.ndarray, gammas: np.ndarray, method: str) -> dict[str, np.ndarray]:
@@ -217,11 +229,11 @@ def _loop(denoiser, params, table_VE, key, sample_ids_B, coefs, final, cond, sco
     g, t = xs["gamma_t"] * ones, xs["t_t"] * ones
     if guided:
       def objective(z_):
-        logits, x = denoiser(params, z_, g, t, x_sc)
+        logits, x = denoiser(params, z_, g, x_sc, t=t)
         return jnp.sum(guidance.objective(logits, cond)), x
       (_, x), grad = jax.value_and_grad(objective, has_aux=True)(z)
     else:
-      _, x = denoiser(params, z, g, t, x_sc)
+      _, x = denoiser(params, z, g, x_sc, t=t)
     x_sc = x if selfcond else x_sc
     x = inv_temp * x + (1.0 - inv_temp) * xs["inv_alpha_t"] * z
     if guided:
@@ -243,7 +255,7 @@ def _loop(denoiser, params, table_VE, key, sample_ids_B, coefs, final, cond, sco
   xs = dict(coefs, index=jnp.arange(num_steps, dtype=jnp.int32))
   zeros = jnp.zeros_like(z)
   (z, x_sc, _), _ = jax.lax.scan(step, (z, zeros, zeros), xs)
-  logits, _ = denoiser(params, z, final["gamma"] * ones, final["t"] * ones, x_sc)
+  logits, _ = denoiser(params, z, final["gamma"] * ones, x_sc, t=final["t"] * ones)
   tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if clamped:
     tokens = jnp.where(cond.clamp, cond.tokens, tokens)

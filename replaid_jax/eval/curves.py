@@ -39,7 +39,7 @@ def terms_at(params: dict, tokens_BL: jax.Array, t_B: jax.Array, key: jax.Array,
   alpha2, sigma2 = noise_schedule.alpha_sigma2(g)
   eps = jax.random.normal(key, e.shape, jnp.float32)
   z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * eps
-  run = functools.partial(model_lib.predict, params, z, g, t_B, cfg=model_cfg, prior_scale=1.0,
+  run = functools.partial(model_lib.predict, params, z, g, cfg=model_cfg, prior_scale=1.0, t_B=t_B,
                           use_output_prior=cfg.output_prior)
   x_sc = run(jnp.zeros_like(z))[1] if selfcond else jnp.zeros_like(z)
   logits, x_hat = run(x_sc)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from replaid_jax import paths
+from replaid_jax.diffusion import sampler
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
@@ -55,16 +56,15 @@ def context_free_logits(log_unigram, z_BLE, table_VE, alpha2_B, sigma2_B):
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "selfcond", "use_output_prior"))
-def _level_mse(params, tokens, log_unigram, g, key, *, model_cfg, selfcond, use_output_prior):
-  """(model, context-free) mean ||e - x_hat||^2 at noise level g, one shared noise draw."""
+def _level_mse(params, tokens, log_unigram, g, t, key, *, model_cfg, selfcond, use_output_prior):
+  """(model, context-free) mean ||e - x_hat||^2 at noise level g (time t), one shared noise draw."""
   table = embedding.normalized(params["embedding"])
   e = embedding.lookup(table, tokens)
   g_B = jnp.full((tokens.shape[0],), g, jnp.float32)
   alpha2, sigma2 = noise_schedule.alpha_sigma2(g_B)
   z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(key, e.shape)
-  t_B = jnp.zeros_like(g_B)
-  pred = lambda x_sc: model_lib.predict(params, z, g_B, t_B, x_sc, cfg=model_cfg, prior_scale=1.0,
-                                        use_output_prior=use_output_prior)[1]
+  pred = lambda x_sc: model_lib.predict(params, z, g_B, x_sc, cfg=model_cfg, prior_scale=1.0,
+                                        t_B=jnp.full_like(g_B, t), use_output_prior=use_output_prior)[1]
   x_hat = pred(jnp.zeros_like(z))
   if selfcond:
     x_hat = pred(x_hat)
@@ -74,12 +74,14 @@ def _level_mse(params, tokens, log_unigram, g, key, *, model_cfg, selfcond, use_
 
 
 def denoiser_gain_by_level(params: dict, tokens_BL: np.ndarray, log_unigram: np.ndarray, key: jax.Array, *,
-                           model_cfg: model_lib.ModelConfig, bins: int = 12, per_bin: int = 4,
-                           selfcond: bool = True, use_output_prior: bool = True) -> dict[str, Any]:
+                           model_cfg: model_lib.ModelConfig, schedule: str = "learned", bins: int = 12,
+                           per_bin: int = 4, selfcond: bool = True, use_output_prior: bool = True) -> dict[str, Any]:
   """Per-bin diffusion loss (nats/token) of the model and of the context-free Bayes denoiser.
 
   The integral over gamma in [gamma_0, gamma_1] is a midpoint rule with
   `bins * per_bin` nodes, one noise draw per node shared by both denoisers.
+  `schedule` (the config's `diffusion.schedule`) only matters to a t-conditioned
+  model, which is evaluated at the time where the schedule gives each node.
   Returns lists over bins: gamma edges, model, context_free and their
   difference `gain` (positive where the model beats the context-free denoiser).
   """
@@ -89,10 +91,11 @@ def denoiser_gain_by_level(params: dict, tokens_BL: np.ndarray, log_unigram: np.
   dgamma = (g1 - g0) / len(nodes)
   tokens = jnp.asarray(tokens_BL, jnp.int32)
   logu = jnp.asarray(log_unigram, jnp.float32)
+  times = sampler.time_of_gamma(params, nodes, schedule)
   model_d, free_d = [], []
-  for i, g in enumerate(nodes):
-    m, f = _level_mse(params, tokens, logu, jnp.float32(g), jax.random.fold_in(key, i), model_cfg=model_cfg,
-                      selfcond=selfcond, use_output_prior=use_output_prior)
+  for i, (g, t) in enumerate(zip(nodes, times)):
+    m, f = _level_mse(params, tokens, logu, jnp.float32(g), jnp.float32(t), jax.random.fold_in(key, i),
+                      model_cfg=model_cfg, selfcond=selfcond, use_output_prior=use_output_prior)
     w = 0.5 * math.exp(-g) * dgamma
     model_d.append(w * float(m))
     free_d.append(w * float(f))

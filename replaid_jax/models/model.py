@@ -128,24 +128,31 @@ def predict(
     params: dict,
     z_BLE: jax.Array,
     gamma_B: jax.Array,
-    t_B: jax.Array,
     x_sc_BLE: jax.Array,
     *,
     cfg: ModelConfig,
     prior_scale: jax.Array | float,
+    t_B: jax.Array | None = None,
     use_output_prior: bool = True,
     detach_embeddings_B: jax.Array | None = None,
     unroll: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """(logits [B, L, V], x_hat [B, L, d_e]) at noise level gamma.
 
+  The noise level gamma is the model's one input besides z and x_sc: it sets
+  the input scaling, the output prior and the adaLN conditioning. `t_B` serves
+  only the `model.cond_input='t'` ablation, whose adaLN sees the time t with
+  gamma(t) = gamma_B instead; such a model cannot be called without it.
   `detach_embeddings_B` marks examples whose output prior and x_hat must not
   send gradient into the embedding matrix (self-conditioned training rows).
   """
+  if cfg.cond_input == "t" and t_B is None:
+    raise ValueError("this model was configured with model.cond_input='t' (adaLN on the time t, an ablation): "
+                     "pass t_B, the time at which the schedule gives gamma_B")
   net = bind(abstract(cfg).graphdef, params)
   table = net.embedding()
   alpha2, sigma2 = noise_schedule.alpha_sigma2(gamma_B)
-  cond = gamma_B if cfg.cond_input == "gamma" else t_B
+  cond = t_B if cfg.cond_input == "t" else gamma_B
   # log N(z; alpha e_v, sigma^2 I) = (alpha / sigma^2) z.e_v + const for unit-norm e_v.
   coef_B = jnp.sqrt(alpha2) / sigma2
   if use_output_prior or cfg.input_posterior:

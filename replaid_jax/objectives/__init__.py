@@ -16,6 +16,7 @@ from replaid_jax.objectives import replaid
 
 REGISTRY = {"replaid": replaid.RePlaid, "ar": ar.AR, "mdlm": mdlm.MDLM, "duo": duo.Duo}
 Objective = base.Objective
+SampleRequest = base.SampleRequest
 
 
 def make(c) -> base.Objective:

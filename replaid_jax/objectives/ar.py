@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from replaid_jax import errors
 from replaid_jax.objectives import base
 from replaid_jax.objectives import token_model
 
@@ -56,6 +57,15 @@ class AR(base.Objective):
 
   def forward_passes(self, num_times: int) -> int:
     return 1  # one causal pass gives every position's exact conditional
+
+  def check_prompt(self, s, *, has_suffix: bool) -> None:
+    super().check_prompt(s, has_suffix=has_suffix)
+    if has_suffix:
+      raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an "
+                               "mdlm, duo or replaid checkpoint for infilling).")
+
+  def sampler_record(self, s, seq_len: int) -> dict:
+    return {**super().sampler_record(s, seq_len), "steps": seq_len}  # one step per token
 
   def sample(self, params, key, *, num_samples, seq_len, num_steps=0, known_BL=None, known_mask_BL=None,
              temperature: float = 1.0):

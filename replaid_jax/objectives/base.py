@@ -19,7 +19,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from replaid_jax import errors
 from replaid_jax.diffusion import elbo
+from replaid_jax.diffusion import guidance
 from replaid_jax.models import model as model_lib
 
 if TYPE_CHECKING:
@@ -53,6 +55,25 @@ def zero_terms(like_B: jax.Array, **values) -> elbo.Terms:
   fields = {"recon": z, "diffusion": z, "prior": z, "is_recon": jnp.zeros(like_B.shape, bool)}
   fields.update(values)
   return elbo.Terms(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+  """One batch of a sampling run, as the sampling CLI hands it to every objective (`Objective.generate`).
+
+  The prompt comes twice: as the guidance conditioning RePlaid's sampler reads
+  (targets, weights, clamps, word spans), and as the known tokens the
+  baselines' ancestral samplers hold fixed (prefix and suffix).
+  """
+
+  index: int  # the batch's number within the run
+  sample_ids: jax.Array  # [B] int32: the run-wide numbers of the batch's samples (RePlaid's noise streams)
+  seq_len: int
+  cond: guidance.Conditioning  # [B, ...]: every row alike
+  known_BL: jax.Array  # [B, L] int32: the prompt's tokens, 0 elsewhere
+  known_mask_BL: jax.Array  # [B, L] bool: where the prompt's tokens are
+  batch_sharding: Any = None  # how [B, L, d] arrays are laid out over the mesh
+  progress: Any = None  # callback(done, total), fed from the device by samplers that report their steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +144,36 @@ class Objective:
 
   def sample(self, params: dict, key: jax.Array, *, num_samples: int, seq_len: int, num_steps: int,
              known_BL: jax.Array | None = None, known_mask_BL: jax.Array | None = None) -> jax.Array:
+    """Tokens [B, L] from the objective's own sampler, known positions held fixed (unconditional by default)."""
     raise NotImplementedError
+
+  # ---- The sampling CLI's interface (`sample/run.py`): one path for every objective.
+
+  reports_sampler_steps: ClassVar[bool] = False  # `generate` feeds `SampleRequest.progress` per sampler step
+
+  def check_prompt(self, s, *, has_suffix: bool) -> None:
+    """Raises a ConfigError naming the fix when the `sample` settings ask for conditioning this sampler lacks."""
+    if s.constraints or s.avoid:
+      raise errors.ConfigError(f"sample.constraints and sample.avoid use RePlaid's gradient guidance; this "
+                               f"checkpoint's objective is {self.name!r}. Clear them.")
+
+  def sampler_record(self, s, seq_len: int) -> dict:
+    """The settings that decided the samples, for their JSON: only those this objective's sampler reads."""
+    return {"seq_len": seq_len, "sampler": f"{self.name} ancestral", "steps": s.steps, "time_grid": "uniform",
+            "score_temp": 1.0, "condition": "clamp",
+            **{k: getattr(s, k) for k in ("prefix", "prefix_file", "suffix", "suffix_file", "gap")}}
+
+  def generate(self, params: dict, key: jax.Array, request: SampleRequest, s) -> dict[str, jax.Array]:
+    """{"tokens": [B, L], ...} for one batch of the run.
+
+    The default draws from the objective's own sampler (`sample`) with key fold_in(key, request.index) and
+    the prompt's tokens held fixed: masked diffusion conditions on them exactly, uniform-state diffusion
+    holds them while the rest is denoised (a heuristic), the AR model teacher-forces its prefix.
+    """
+    b = request.known_BL.shape[0]
+    return {"tokens": self.sample(params, jax.random.fold_in(key, request.index), num_samples=b,
+                                  seq_len=request.seq_len, num_steps=s.steps, known_BL=request.known_BL,
+                                  known_mask_BL=request.known_mask_BL)}
 
   def forward(self, params: dict, tokens_BL: jax.Array, *, unroll: bool = False) -> jax.Array:
     """One forward pass of the network on a batch (at an arbitrary noise level), for FLOP counting."""

@@ -9,8 +9,12 @@ import jax.numpy as jnp
 from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import sampler
 from replaid_jax.diffusion import time_sampling
+from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.objectives import base
+
+
+_normalized = jax.jit(embedding.normalized)
 
 
 @flax.struct.dataclass
@@ -102,15 +106,40 @@ class RePlaid(base.Objective):
 
   def sample(self, params, key, *, num_samples, seq_len, num_steps, known_BL=None, known_mask_BL=None):
     if known_BL is not None:
-      raise ValueError("conditional RePlaid sampling goes through launch/sample.py (guidance and clamping).")
+      raise ValueError("conditional RePlaid sampling goes through `generate` (guidance and clamping).")
     return sampler.sample(params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,
                           model_cfg=self.c.model, cfg=self.c.diffusion)
+
+  reports_sampler_steps = True
+
+  def check_prompt(self, s, *, has_suffix: bool) -> None:
+    del s, has_suffix  # guidance and clamping take any prompt, word constraints included
+
+  def sampler_record(self, s, seq_len: int) -> dict:
+    keys = ("sampler", "steps", "time_grid", "score_temp", "selfcond", "condition", "guidance_weight", "prefix",
+            "prefix_file", "suffix", "suffix_file", "gap", "constraints", "avoid")
+    return {"seq_len": seq_len, **{k: getattr(s, k) for k in keys}}
+
+  def denoiser(self) -> sampler.ModelDenoiser:
+    """The model as the sampler calls it (output prior at full scale, as at eval)."""
+    return sampler.ModelDenoiser(self.c.model, self.c.diffusion.output_prior)
+
+  def generate(self, params, key, request, s):
+    """The guided sampler (`diffusion/sampler.generate`) on the schedule's float64 grid; one key for the run,
+    each sample's noise from its id, so a sample does not depend on its batch."""
+    host = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
+    t, gammas = sampler.schedule_grid(host, s.steps, self.c.diffusion.schedule, s.time_grid)
+    return sampler.generate(self.denoiser(), params, key, sample_ids=request.sample_ids, seq_len=request.seq_len,
+                            t=t, gammas=gammas, table=_normalized(params["embedding"]), method=s.sampler,
+                            score_temp=s.score_temp, selfcond=s.selfcond, cond=request.cond,
+                            batch_sharding=request.batch_sharding, progress=request.progress)
 
   def forward(self, params, tokens_BL, *, unroll=False):
     b, l = tokens_BL.shape
     z = jnp.zeros((b, l, self.c.model.embed_dim), jnp.float32)
     g = jnp.zeros((b,), jnp.float32)
-    return model_lib.predict(params, z, g, g, z, cfg=self.c.model, prior_scale=1.0,
+    # t = 0 beside gamma = 0 only serves t-conditioned models here: forward measures cost, not values.
+    return model_lib.predict(params, z, g, z, cfg=self.c.model, prior_scale=1.0, t_B=g,
                              use_output_prior=self.c.diffusion.output_prior, unroll=unroll)[1]
 
   def bound_protocol(self, num_times):

@@ -20,6 +20,7 @@ import numpy as np
 
 from replaid_jax import config_lib
 from replaid_jax.data import pipeline
+from replaid_jax.diffusion import sampler
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import diagnostics
 from replaid_jax.models import denoiser as denoiser_lib
@@ -100,9 +101,9 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
       if on_point:
         on_point(point)
     if step in diagnostics_at and run.objective.learned_embeddings:
-      diagnostics_out[step] = diagnostics.denoiser_gain_by_level(jax.device_get(state.ema_params), val[:64],
-                                                                 log_unigram,
-                                                 jax.random.key(eval_seed + 1), model_cfg=c.model)
+      diagnostics_out[step] = diagnostics.denoiser_gain_by_level(
+          jax.device_get(state.ema_params), val[:64], log_unigram, jax.random.key(eval_seed + 1), model_cfg=c.model,
+          schedule=c.diffusion.schedule)
   return {"unigram": unigram, "points": [dataclasses.asdict(p) for p in points], "diagnostics": diagnostics_out,
           "seconds": time.time() - t0}
 
@@ -127,6 +128,7 @@ def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *,
                              gamma_1=c.diffusion.gamma_1, output_bias=bias)
   tx = optax.adam(c.optim.lr)
   opt = tx.init(params["denoiser"])
+  t_level = float(sampler.time_of_gamma(params, np.array([gamma]), c.diffusion.schedule)[0])  # schedule frozen
 
   def losses(den, rest, tokens, key):
     p = {**rest, "denoiser": den}
@@ -135,7 +137,8 @@ def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *,
     g = jnp.full((tokens.shape[0],), gamma, jnp.float32)
     alpha2, sigma2 = noise_schedule.alpha_sigma2(g)
     z = jnp.sqrt(alpha2)[:, None, None] * e + jnp.sqrt(sigma2)[:, None, None] * jax.random.normal(key, e.shape)
-    logits, x_hat = model_lib.predict(p, z, g, g, jnp.zeros_like(z), cfg=c.model, prior_scale=1.0)
+    logits, x_hat = model_lib.predict(p, z, g, jnp.zeros_like(z), cfg=c.model, prior_scale=1.0,
+                                      t_B=jnp.full_like(g, t_level))
     nll = lambda lg: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), tokens[..., None], -1))
     free = diagnostics.context_free_logits(log_unigram, z, table, alpha2, sigma2)
     mse = jnp.mean(jnp.sum(jnp.square(e - x_hat), -1))

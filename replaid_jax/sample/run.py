@@ -14,6 +14,7 @@
      prints the samples and adds them as TensorBoard text to <workdir>/train.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,6 @@ from replaid_jax import sharding as sharding_lib
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import sampler
 from replaid_jax.judges import perplexity
-from replaid_jax.models import embedding
 from replaid_jax import inference
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import objectives
@@ -81,20 +81,9 @@ class ProgressBar:
     self._show(f"{self.progress.line()} (batch {self.batch + 1}/{self.num_batches})", "\n" if last else "")
 
 
-def _settings_record(s, seq_len: int, objective: str = "replaid") -> dict:
-  kind = objectives.REGISTRY[objective]
-  if not kind.learned_embeddings:  # the baselines' own ancestral samplers; AR takes one step per token
-    return {"seq_len": seq_len, "sampler": f"{objective} ancestral", "steps": seq_len if kind.autoregressive else s.steps,
-            "time_grid": "uniform", "score_temp": 1.0, "condition": "clamp",
-            **{k: getattr(s, k) for k in ("prefix", "prefix_file", "suffix", "suffix_file", "gap")}}
-  keys = ("sampler", "steps", "time_grid", "score_temp", "selfcond", "condition", "guidance_weight", "prefix",
-          "prefix_file", "suffix", "suffix_file", "gap", "constraints", "avoid")
-  return {"seq_len": seq_len, **{k: getattr(s, k) for k in keys}}
-
-
 def _time_forward(denoiser, params, batch: int, seq_len: int, embed_dim: int, gamma: float, shard) -> float:
   """Seconds of one self-conditioned forward pass of the denoiser at this batch (mean over repeats)."""
-  fwd = jax.jit(lambda p, z, g, x: denoiser(p, z, g, g, x)[1])
+  fwd = jax.jit(lambda p, z, g, x: denoiser(p, z, g, x, t=g)[1])  # t's value does not change the cost
   k1, k2 = jax.random.split(jax.random.key(0))
   z = jax.device_put(jax.random.normal(k1, (batch, seq_len, embed_dim)), shard)
   x_sc = jax.device_put(0.1 * jax.random.normal(k2, (batch, seq_len, embed_dim)), shard)
@@ -105,27 +94,6 @@ def _time_forward(denoiser, params, batch: int, seq_len: int, embed_dim: int, ga
     fwd(params, z, g, x_sc).block_until_ready()
     reps += 1
   return (time.time() - t0) / reps
-
-
-def baseline_known(layout: prompts.Layout, objective: str, s) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, mask) [L] of the positions an AR or masked-diffusion sample is conditioned on.
-
-  Masked diffusion conditions exactly on any known positions (prefix and suffix
-  start revealed); uniform-state diffusion holds them fixed while the rest is
-  denoised (a heuristic); the AR model conditions only on a prefix (teacher-forced).
-  Word constraints and guidance belong to RePlaid's sampler.
-  """
-  if s.constraints or s.avoid:
-    raise errors.ConfigError(f"sample.constraints and sample.avoid use RePlaid's gradient guidance; this checkpoint's "
-                             f"objective is {objective!r}. Clear them.")
-  if objectives.REGISTRY[objective].autoregressive and layout.suffix_start >= 0:
-    raise errors.ConfigError("an autoregressive model cannot condition on a suffix; clear sample.suffix (use an mdlm, "
-                             "duo or replaid checkpoint for infilling).")
-  mask = np.zeros((layout.seq_len,), bool)
-  mask[:layout.prefix_len] = True
-  if layout.suffix_start >= 0:
-    mask[layout.suffix_start:layout.suffix_start + layout.suffix_len] = True
-  return np.where(mask, layout.tokens, 0).astype(np.int32), mask
 
 
 def batch_size(requested: int, num_samples: int, divisor: int) -> int:
@@ -153,140 +121,179 @@ def output_path(workdir: str, step: int, output: str | None = None) -> str:
     n += 1
 
 
+@dataclasses.dataclass
+class _Sampling:
+  """A sampling run, restored and checked: what the steps after `_restore` read."""
+
+  workdir: str
+  step: int
+  c: config_lib.Config
+  objective: objectives.Objective
+  params: dict
+  mesh: Any
+  tok: Any  # the checkpoint's tokenizer, or None for token-id data
+  layout: prompts.Layout
+  seq_len: int
+
+  @property
+  def s(self):
+    return self.c.sample
+
+
 def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[str, Any] | None = None,
                       benchmark: bool = False, output: str | None = None) -> dict:
   """Generates samples from a run's checkpoint; returns the summary (also written next to the samples).
 
   The samples go to `output_path(workdir, step, output)`, the summary next to them (<name>.summary.json).
+  Every objective samples through `Objective.generate`: RePlaid's guided sampler, the baselines' own.
   """
   workdir = paths.absolute(workdir)
   if output:
     output_path(workdir, 0, output)  # fail before any work
+  run = _restore(workdir, step, overrides)
+  if benchmark and not run.objective.learned_embeddings:
+    raise errors.ConfigError("--benchmark compares RePlaid sampler steps with forward passes; this checkpoint's "
+                             f"objective is {run.c.objective!r}.")
+  tokens_out, timing, sample_batch = _generate_all(run)
+  if benchmark:
+    timing.update(_benchmark(run, sample_batch, timing["batch_size"]))
+  rows, summary = _records(run, tokens_out, timing)
+  if run.s.judge:
+    summary["generative_perplexity"] = _judge(run, [r["text"] for r in rows])
+  if jax.process_index() == 0:
+    _write(run, rows, summary, output)
+  return summary
+
+
+def _restore(workdir: str, step: int | None, overrides: dict[str, Any] | None) -> _Sampling:
+  """Opens the checkpoint, resolves its config, checks the prompt against the model and restores the EMA params."""
   ck, step, meta = inference.open_checkpoint(workdir, step)
   try:
     c, filled = resolve_config(meta.get("config") or {}, overrides, meta.get("vocab_size"))
     if filled:
       logging.info("the saved config lacks %s; taken from replaid_jax/base_config.py", ", ".join(filled))
-    s = c.sample
-    seq_len = s.seq_len or c.data.seq_len
+    seq_len = c.sample.seq_len or c.data.seq_len
     if seq_len > c.model.max_seq_len:
       raise errors.ConfigError(f"sample.seq_len={seq_len} exceeds the model's max_seq_len={c.model.max_seq_len}; "
                                "lower sample.seq_len.")
-    tok = inference.checkpoint_tokenizer(meta, workdir, s.tokenizer_path)
-    layout = prompts.build(tok, s, seq_len, max_seq_len=c.model.max_seq_len)
+    tok = inference.checkpoint_tokenizer(meta, workdir, c.sample.tokenizer_path)
+    layout = prompts.build(tok, c.sample, seq_len, max_seq_len=c.model.max_seq_len)
+    objective = objectives.make(c)
+    objective.check_prompt(c.sample, has_suffix=layout.suffix_start >= 0)
     model = inference.build_model(c)
-    mesh = model.mesh
     params = inference.restore_params(ck, step, model)
   finally:
     ck.close()
   logging.info("restored the EMA parameters of step %d from %s", step, workdir)
+  return _Sampling(workdir, step, c, objective, params, model.mesh, tok, layout, seq_len)
 
-  divisor = sharding_lib.batch_divisor(mesh, c.mesh.rules)
+
+def _generate_all(run: _Sampling) -> tuple[dict[str, np.ndarray], dict, Any]:
+  """Samples every batch; returns (host arrays over all samples, timing, the function that samples batch b)."""
+  s, c = run.s, run.c
+  divisor = sharding_lib.batch_divisor(run.mesh, c.mesh.rules)
   batch = batch_size(s.batch_size, s.num_samples, divisor)
   if batch != s.batch_size:
     logging.info("sampling in batches of %d (sample.batch_size=%d; a multiple of the %d devices the batch is split "
                  "over, and no larger than sample.num_samples needs)", batch, s.batch_size, divisor)
-  shard = lambda ndim: sharding_lib.batch_sharding(mesh, c.mesh.rules, ndim)
+  shard = lambda ndim: sharding_lib.batch_sharding(run.mesh, c.mesh.rules, ndim)
   put = lambda x: jax.device_put(x, shard(x.ndim))
   num_batches = math.ceil(s.num_samples / batch)
-  reports_steps = objectives.REGISTRY[c.objective].learned_embeddings  # RePlaid's sampler reports its steps
-  bar = ProgressBar(num_batches, s.steps, enabled=s.progress and jax.process_index() == 0 and reports_steps)
+  bar = ProgressBar(num_batches, s.steps,
+                    enabled=s.progress and jax.process_index() == 0 and run.objective.reports_sampler_steps)
   key = jax.random.key(s.seed)
-  if reports_steps:
-    cond = jax.tree.map(put, layout.batch(batch))
-    denoiser = sampler.ModelDenoiser(c.model, c.diffusion.output_prior)
-    table = jax.jit(embedding.normalized)(params["embedding"])
-    host_sched = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
-    t, gammas = sampler.schedule_grid(host_sched, s.steps, c.diffusion.schedule, s.time_grid)
+  cond = jax.tree.map(put, run.layout.batch(batch))
+  known = put(np.broadcast_to(run.layout.tokens, (batch, run.seq_len)))  # 0 where untargeted
+  known_mask = put(np.broadcast_to(run.layout.targeted, (batch, run.seq_len)))
 
-    def run_batch(b: int) -> dict:
-      ids = np.arange(b * batch, (b + 1) * batch, dtype=np.int32)
-      out = sampler.generate(denoiser, params, key, sample_ids=put(ids), seq_len=seq_len, t=t, gammas=gammas,
-                             table=table, method=s.sampler, score_temp=s.score_temp, selfcond=s.selfcond, cond=cond,
-                             batch_sharding=shard(3), progress=bar)
-      return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
-  else:
-    if benchmark:
-      raise errors.ConfigError("--benchmark compares RePlaid sampler steps with forward passes; this checkpoint's "
-                               f"objective is {c.objective!r}.")
-    objective = objectives.make(c)
-    known, known_mask = baseline_known(layout, c.objective, s)
+  def sample_batch(b: int) -> dict:
+    ids = put(np.arange(b * batch, (b + 1) * batch, dtype=np.int32))
+    request = objectives.SampleRequest(index=b, sample_ids=ids, seq_len=run.seq_len, cond=cond, known_BL=known,
+                                       known_mask_BL=known_mask, batch_sharding=shard(3), progress=bar)
+    out = run.objective.generate(run.params, key, request, s)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
 
-    def run_batch(b: int) -> dict:
-      toks = objective.sample(params, jax.random.fold_in(key, b), num_samples=batch, seq_len=seq_len,
-                              num_steps=s.steps, known_BL=put(np.broadcast_to(known, (batch, seq_len))),
-                              known_mask_BL=put(np.broadcast_to(known_mask, (batch, seq_len))))
-      return {"tokens": np.asarray(multihost_utils.process_allgather(toks, tiled=True))}
-
-  t0 = time.time()
-  outs = []
-  batch_seconds = []
+  t0, outs, batch_seconds = time.time(), [], []
   for b in range(num_batches):
     bar.begin(b)
     tb = time.time()
-    outs.append(run_batch(b))
+    outs.append(sample_batch(b))
     batch_seconds.append(time.time() - tb)
-  seconds = time.time() - t0
+  bar.enabled = False
   out = {k: np.concatenate([o[k] for o in outs])[:s.num_samples] for k in outs[0]}
-  timing = {"seconds": seconds, "batch_seconds": batch_seconds, "batch_size": batch}
-  if benchmark:
-    bar.enabled = False
-    tb = time.time()
-    jax.block_until_ready(run_batch(0))
-    sample_s = time.time() - tb
-    fwd_s = _time_forward(denoiser, params, batch, seq_len, c.model.embed_dim, float(gammas[len(gammas) // 2]),
-                          shard(3))
-    timing.update({"sampler_seconds_per_step": sample_s / s.steps, "forward_seconds": fwd_s,
-                   "step_over_forward": sample_s / s.steps / fwd_s, "device": jax.devices()[0].device_kind})
-    logging.info("speed at batch %d: %.3f ms per sampler step (%d steps, compiled, final decode included) vs "
-                 "%.3f ms per self-conditioned forward pass: ratio %.3f", batch, 1e3 * sample_s / s.steps, s.steps,
-                 1e3 * fwd_s, sample_s / s.steps / fwd_s)
+  return out, {"seconds": time.time() - t0, "batch_seconds": batch_seconds, "batch_size": batch}, sample_batch
 
-  tokens = out["tokens"]
-  texts = [tok.decode(row) if tok is not None else None for row in tokens]
+
+def _benchmark(run: _Sampling, sample_batch, batch: int) -> dict:
+  """Seconds per sampler step (batch 0 again, compiled) against one self-conditioned forward pass."""
+  s = run.s
+  tb = time.time()
+  jax.block_until_ready(sample_batch(0))
+  sample_s = time.time() - tb
+  host = jax.device_get({"schedule": run.params["schedule"], "bounds": run.params["bounds"]})
+  gammas = sampler.schedule_grid(host, s.steps, run.c.diffusion.schedule, s.time_grid)[1]
+  shard = sharding_lib.batch_sharding(run.mesh, run.c.mesh.rules, 3)
+  fwd_s = _time_forward(run.objective.denoiser(), run.params, batch, run.seq_len, run.c.model.embed_dim,
+                        float(gammas[len(gammas) // 2]), shard)
+  logging.info("speed at batch %d: %.3f ms per sampler step (%d steps, compiled, final decode included) vs "
+               "%.3f ms per self-conditioned forward pass: ratio %.3f", batch, 1e3 * sample_s / s.steps, s.steps,
+               1e3 * fwd_s, sample_s / s.steps / fwd_s)
+  return {"sampler_seconds_per_step": sample_s / s.steps, "forward_seconds": fwd_s,
+          "step_over_forward": sample_s / s.steps / fwd_s, "device": jax.devices()[0].device_kind}
+
+
+def _records(run: _Sampling, out: dict[str, np.ndarray], timing: dict) -> tuple[list[dict], dict]:
+  """One JSON row per sample and the run's summary (means, conditioning figures, timing)."""
+  s, layout, tokens = run.s, run.layout, out["tokens"]
+  texts = [run.tok.decode(row) if run.tok is not None else None for row in tokens]
   entropy = np.asarray([quality.unigram_entropy(row) for row in tokens])
-  rows, summary = [], {
-      "checkpoint_step": step, "workdir": workdir, "num_samples": s.num_samples, "seed": s.seed,
-      "objective": c.objective, "sampler": _settings_record(s, seq_len, c.objective), "unigram_entropy_mean": float(entropy.mean()), "timing": timing,
-  }
+  summary = {"checkpoint_step": run.step, "workdir": run.workdir, "num_samples": s.num_samples, "seed": s.seed,
+             "objective": run.c.objective, "sampler": run.objective.sampler_record(s, run.seq_len),
+             "unigram_entropy_mean": float(entropy.mean()), "timing": timing}
+  per_row = [{} for _ in tokens]
   if layout.targeted.any() and "position_logp" in out:
-    target = np.broadcast_to(layout.tokens, tokens.shape)
-    logp, hits = quality.target_stats(tokens, out["position_logp"], target, layout.targeted)
+    logp, hits = quality.target_stats(tokens, out["position_logp"], np.broadcast_to(layout.tokens, tokens.shape),
+                                      layout.targeted)
     summary.update({"target_positions": int(layout.targeted.sum()), "target_logp_mean": float(logp.mean()),
                     "target_match_rate": float(hits.mean())})
-  present = np.asarray([prompts.span_present(row, layout) for row in tokens], bool).reshape(len(tokens), -1)
+    for i, r in enumerate(per_row):
+      r.update({"target_logp": float(logp[i]), "target_match": float(hits[i])})
   if layout.span_names and "span_logp" in out:
+    present = np.asarray([prompts.span_present(row, layout) for row in tokens], bool).reshape(len(tokens), -1)
     summary["spans"] = {name: {"present_rate": float(present[:, k].mean()),
                                "logp_mean": float(out["span_logp"][:, k].mean())}
                         for k, name in enumerate(layout.span_names)}
-  for i, row in enumerate(tokens):
-    rec = {"index": i, "seed": s.seed, "checkpoint_step": step, "text": texts[i], "tokens": row.tolist(),
-           "unigram_entropy": float(entropy[i]), "sampler": summary["sampler"]}
-    if "target_logp_mean" in summary:
-      rec.update({"target_logp": float(logp[i]), "target_match": float(hits[i])})
-    if "spans" in summary:
-      rec["spans"] = {name: {"present": bool(present[i, k]), "logp": float(out["span_logp"][i, k])}
-                      for k, name in enumerate(layout.span_names)}
-    rows.append(rec)
-  if s.judge:
-    if tok is None:
-      raise errors.ConfigError("sample.judge needs text, but this checkpoint has no tokenizer to decode samples.")
-    judge = perplexity.load(s.judge, batch_size=s.judge_batch_size)
-    summary["generative_perplexity"] = perplexity.generative_perplexity(judge, texts)
-    logging.info("generative perplexity under %s: %.2f (%d judge tokens)", judge.name,
-                 summary["generative_perplexity"]["gen_ppl"], summary["generative_perplexity"]["judge_tokens"])
+    for i, r in enumerate(per_row):
+      r["spans"] = {name: {"present": bool(present[i, k]), "logp": float(out["span_logp"][i, k])}
+                    for k, name in enumerate(layout.span_names)}
+  rows = [{"index": i, "seed": s.seed, "checkpoint_step": run.step, "text": texts[i], "tokens": row.tolist(),
+           "unigram_entropy": float(entropy[i]), "sampler": summary["sampler"], **per_row[i]}
+          for i, row in enumerate(tokens)]
+  return rows, summary
 
-  if jax.process_index() == 0:
-    path = output_path(workdir, step, output)
-    paths.makedirs(os.path.dirname(path))
-    paths.write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
-    summary["samples_file"] = path
-    paths.write_text_atomic(path[:-len(".jsonl")] + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-    shown = [tokenizer_lib.display_text(tok, row) if tok is not None else " ".join(map(str, row.tolist()))
-             for row in tokens]
-    _print(rows, shown, summary, s.print_samples)
-    write_tensorboard(workdir, step, path, shown, summary)
-  return summary
+
+def _judge(run: _Sampling, texts: list[str | None]) -> dict:
+  """Generative perplexity of the samples under the `sample.judge` language model."""
+  if run.tok is None:
+    raise errors.ConfigError("sample.judge needs text, but this checkpoint has no tokenizer to decode samples.")
+  judge = perplexity.load(run.s.judge, batch_size=run.s.judge_batch_size)
+  out = perplexity.generative_perplexity(judge, texts)
+  logging.info("generative perplexity under %s: %.2f (%d judge tokens)", judge.name, out["gen_ppl"],
+               out["judge_tokens"])
+  return out
+
+
+def _write(run: _Sampling, rows: list[dict], summary: dict, output: str | None) -> None:
+  """The samples' JSONL and summary JSON (atomically, never over earlier ones), the console and TensorBoard."""
+  path = output_path(run.workdir, run.step, output)
+  paths.makedirs(os.path.dirname(path))
+  paths.write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
+  summary["samples_file"] = path
+  paths.write_text_atomic(path[:-len(".jsonl")] + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+  shown = [tokenizer_lib.display_text(run.tok, np.asarray(r["tokens"])) if run.tok is not None
+           else " ".join(map(str, r["tokens"])) for r in rows]
+  _print(rows, shown, summary, run.s.print_samples)
+  write_tensorboard(run.workdir, run.step, path, shown, summary)
 
 
 def write_tensorboard(workdir: str, step: int, path: str, shown_text: list[str], summary: dict) -> None:

@@ -397,7 +397,7 @@ def _noise_level_diagnostics(c, corpus, ema, writer, workdir: str, step: int) ->
   """Logs where along the noise level the model beats the context-free denoiser, and the embedding separation."""
   diag = diagnostics.denoiser_gain_by_level(
       ema, corpus.val[:c.eval.diagnostic_sequences], bound_lib.log_unigram(corpus.unigram_counts),
-      jax.random.key(c.seed + 17), model_cfg=c.model, bins=12, per_bin=2, use_output_prior=c.diffusion.output_prior)
+      jax.random.key(c.seed + 17), model_cfg=c.model, schedule=c.diffusion.schedule, bins=12, per_bin=2, use_output_prior=c.diffusion.output_prior)
   scalars = {"context_gain": diag["context_free_total"] - diag["model_total"],
              "context_free_diffusion": diag["context_free_total"], "model_diffusion": diag["model_total"],
              **diagnostics.embedding_separation(ema),
