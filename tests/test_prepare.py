@@ -17,6 +17,7 @@ from configs import base
 from replaid_jax.data import arrayrecord
 from replaid_jax.data import pipeline
 from replaid_jax.data import prepare
+from replaid_jax.data import prepare_output
 from replaid_jax.data import sources
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.errors import DataError
@@ -220,13 +221,13 @@ def test_worker_processes_give_identical_shards(tmp_path, spm_path):
 def test_bucket_output_is_staged_then_copied(tmp_path, spm_path, monkeypatch):
   (tmp_path / "a.txt").write_text("one two three four five six seven\n" * 30)
   copies = []
-  monkeypatch.setattr(prepare, "_publish", lambda *args: copies.append(args))
+  monkeypatch.setattr(prepare_output, "publish", lambda *args: copies.append(args))
   meta = prepare.prepare(_cfg(tmp_path / "a.txt", "gs://bucket/data", spm_path,
                               staging_dir=str(tmp_path / "staging")))
   names = meta["splits"]["train"]["files"] + meta["splits"]["validation"]["files"]
   assert copies == [(str(tmp_path / "staging"), "gs://bucket/data", names)]
   monkeypatch.undo()
-  prepare._publish(str(tmp_path / "staging"), str(tmp_path / "copy"), names)  # pylint: disable=protected-access
+  prepare_output.publish(str(tmp_path / "staging"), str(tmp_path / "copy"), names)
   assert _files(tmp_path / "copy") == _files(tmp_path / "staging")
 
 
