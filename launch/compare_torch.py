@@ -188,7 +188,7 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
   from replaid_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
-  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
 
   if cd.objective != "replaid":
     raise ValueError(f"the PyTorch reference is RePlaid's model; got objective={cd.objective!r}.")
@@ -198,7 +198,7 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
   shape = shape_of(c, c.model.vocab_size)
   b, seq_len = c.train.batch_size, c.data.seq_len
   key = jax.random.key(c.seed)
-  compiled = loop.compile_step(run_).lower(run_.state, batches[0], key).compile()
+  compiled = build_lib.compile_step(run_).lower(run_.state, batches[0], key).compile()
   holder = {"state": run_.state}
 
   def jax_step(i):

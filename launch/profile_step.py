@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from replaid_jax import benchmark
 from replaid_jax import cli
-from replaid_jax.train import loop
+from replaid_jax.train import build as build_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -104,7 +104,7 @@ def main(argv):
   c, run_, batches = benchmark.synthetic_run(cli.config(_CONFIG))
   b = c.train.batch_size
   key = jax.random.key(c.seed)
-  compiled = loop.compile_step(run_).lower(run_.state, batches[0], key).compile()
+  compiled = build_lib.compile_step(run_).lower(run_.state, batches[0], key).compile()
   state = run_.state
   for i in range(3):
     state, m = compiled(state, batches[i % 2], key)

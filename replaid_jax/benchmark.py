@@ -27,7 +27,7 @@ from replaid_jax import objectives
 from replaid_jax import errors
 from replaid_jax import flops as flops_lib
 from replaid_jax.data import pipeline
-from replaid_jax.train import loop
+from replaid_jax.train import build as build_lib
 from replaid_jax.models import model as model_lib
 
 
@@ -176,14 +176,15 @@ def synthetic_run(cd, *, num_batches: int = 2, vocab_size: int | None = None,
                   mesh_shape: Sequence[int] | None = None, seed: int = 0):
   """The config's run built as the train loop builds it, and `num_batches` global batches of random tokens.
 
-  Returns (converted config with model.vocab_size set, `loop.Run`, list of global batches).
+  Returns (converted config with model.vocab_size set, `build_lib.Run`, list of global batches).
   """
   c, vocab = prepare_config(cd, vocab_size=vocab_size, mesh_shape=mesh_shape)
   rows = c.train.batch_size // jax.process_count()
   corpus = synthetic_corpus(vocab, c.data.seq_len, num_batches * rows, seed=seed + jax.process_index())
-  c = loop.resolve_vocab(c, corpus)
-  run_ = loop.build(c, corpus)
-  batches = [loop.global_batch(run_, {"tokens": corpus.train[i * rows:(i + 1) * rows]}) for i in range(num_batches)]
+  c = build_lib.resolve_vocab(c, corpus)
+  run_ = build_lib.build(c, corpus)
+  batches = [build_lib.global_batch(run_, {"tokens": corpus.train[i * rows:(i + 1) * rows]})
+             for i in range(num_batches)]
   return c, run_, batches
 
 
@@ -280,7 +281,7 @@ def run(cd, *, config_name: str = "", steps: int = 10, warmup: int = 2, vocab_si
     times = _timed(lambda i: compiled(params, batches[i % 2]), warmup, steps)
     per_step, per_step_no_sc, loss = fwd * b, fwd * b, None
   else:
-    compiled = loop.compile_step(run_).lower(run_.state, batches[0], key).compile()
+    compiled = build_lib.compile_step(run_).lower(run_.state, batches[0], key).compile()
     compile_s = time.perf_counter() - t0
     holder = {"state": run_.state}
 

@@ -35,6 +35,7 @@ from replaid_jax.models import embedding
 from replaid_jax.objectives import base
 from replaid_jax.objectives import replaid
 from replaid_jax.train import loop
+from replaid_jax.train import build as build_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,9 +82,9 @@ def markov_run():
   cd.model.output_bias_init = "unigram"
   cd.train.batch_size, cd.train.num_steps = 32, 600
   cd.optim.lr, cd.optim.warmup_steps = 3e-3, 20
-  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  r = loop.build(c, corpus, devices=jax.devices()[:1])
-  step_fn = loop.compile_step(r)
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  r = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  step_fn = build_lib.compile_step(r)
   state, key = r.state, jax.random.key(0)
   saved = {}
   for i in range(c.train.num_steps + 1):

@@ -23,6 +23,7 @@ from replaid_jax import workdir_lock
 from replaid_jax.eval import run as eval_run
 from replaid_jax.sample import run as sample_run
 from replaid_jax.train import loop
+from replaid_jax.train import build as build_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -117,11 +118,11 @@ def _poison(monkeypatch, bad_step):
 def test_a_non_finite_step_is_not_applied(npy_dir, monkeypatch):
   _poison(monkeypatch, 2)
   corpus = loop.pipeline.load_corpus(config_lib.from_config_dict(_config(npy_dir)).data, workdir=str(npy_dir))
-  c = loop.resolve_vocab(config_lib.from_config_dict(_config(npy_dir)), corpus)
-  run = loop.build(c, corpus, devices=jax.devices()[:1])
-  step = loop.compile_step(run)
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(_config(npy_dir)), corpus)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  step = build_lib.compile_step(run)
   key = jax.random.key(0)
-  batch = lambda i: loop.global_batch(run, {"tokens": corpus.train[8 * i:8 * (i + 1)]})
+  batch = lambda i: build_lib.global_batch(run, {"tokens": corpus.train[8 * i:8 * (i + 1)]})
   state, m1 = step(run.state, batch(0), key)
   before = jax.device_get((state.params, state.ema_params, state.opt_state, state.loss_stats))
   state, m2 = step(state, batch(1), key)

@@ -11,7 +11,7 @@ from replaid_jax import config_lib
 from replaid_jax import objectives
 from replaid_jax import sharding as sharding_lib
 from replaid_jax.models import model as model_lib
-from replaid_jax.train import loop
+from replaid_jax.train import build as build_lib
 from replaid_jax.train import optim
 from replaid_jax.train import step as step_lib
 
@@ -53,11 +53,11 @@ def test_sharded_runs_follow_the_single_device_loss_curve(single_device_run, mes
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 2, 4)])
 def test_the_one_init_trace_gives_the_shardings_and_values_of_the_abstract_model(mesh_shape, monkeypatch):
-  """`loop.build` computes the shardings inside its one trace of the init; they equal those computed outside any
+  """`build.build` computes the shardings inside its one trace of the init; they equal those computed outside any
   trace from an nnx.eval_shape of the model, and the values equal those of the init jitted with those out_shardings."""
   monkeypatch.setattr(model_lib, "_ABSTRACTS", {})  # no structure kept: `abstract` below traces an eval_shape
   corpus = _synthetic_corpus()
-  c = loop.resolve_vocab(config_lib.from_config_dict(
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(
       _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor")})), corpus)
   mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, jax.devices()[:8])
   objective = objectives.make(c)
@@ -68,7 +68,7 @@ def test_the_one_init_trace_gives_the_shardings_and_values_of_the_abstract_model
   expected = jax.jit(lambda key: step_lib.init_state(objective.init(key, None)[0], tx),
                      out_shardings=state_sh)(jax.random.key(c.seed))
 
-  run = loop.build(c, corpus, devices=jax.devices()[:8])
+  run = build_lib.build(c, corpus, devices=jax.devices()[:8])
   same = lambda a, b: jax.tree.structure(a) == jax.tree.structure(b) and jax.tree.leaves(a) == jax.tree.leaves(b)
   assert same(run.params_sharding, params_sh) and same(run.state_sharding, state_sh)
   specs = " ".join(sharding_lib.specs_as_strings(params_sh).values())
@@ -92,8 +92,7 @@ def test_the_one_init_trace_gives_the_shardings_and_values_of_the_abstract_model
 
 def test_activation_constraints_reach_the_compiled_step():
   _, _, run = _run_steps((2, 2, 2), num_steps=0)
-  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
-  step = loop.compile_step(run)
+  step = build_lib.compile_step(run)
   batch = jax.ShapeDtypeStruct((8, 32), np.int32, sharding=run.batch_sharding)
   text = step.lower(run.state, batch, jax.random.key(0)).as_text()
   constraints = [line for line in text.splitlines() if "sharding_constraint" in line]

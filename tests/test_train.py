@@ -16,6 +16,8 @@ from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax.data import pipeline
 from replaid_jax.train import loop
+from replaid_jax.train import build as build_lib
+from replaid_jax.train import sizing as sizing_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,15 +45,15 @@ def _tiny_config(**overrides):
 def _run_steps(mesh_shape, num_steps=2, **overrides):
   cd = _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor"), **overrides})
   corpus = _synthetic_corpus()
-  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
   n = int(np.prod([s for s in mesh_shape]))
-  run = loop.build(c, corpus, devices=jax.devices()[:n])
-  step = loop.compile_step(run)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:n])
+  step = build_lib.compile_step(run)
   state = run.state
   key = jax.random.key(c.seed)
   losses = []
   for i in range(num_steps):
-    batch = loop.global_batch(run, {"tokens": corpus.train[i * 8:(i + 1) * 8]})
+    batch = build_lib.global_batch(run, {"tokens": corpus.train[i * 8:(i + 1) * 8]})
     state, m = step(state, batch, key)
     losses.append(float(m["loss"]))
   return jax.device_get(state.params), losses, run
@@ -230,14 +232,15 @@ def test_a_training_process_traces_the_model_init_once(monkeypatch):
 
 
 def test_sized_step_count_fits_the_time_left_less_the_reserve():
-  assert loop.sized_num_steps(2.0, 600.0, 1500) == int(2.0 * 600.0 * (1 - loop.SIZE_RESERVE))  # 1,020
-  assert loop.sized_num_steps(5.0, 600.0, 1500) == 1500  # train.num_steps is the most it takes
-  assert loop.sized_num_steps(2.0, -10.0, 1500) == 0
-  assert loop.sized_num_steps(2.0, 600.0, 1500, done=20) == 20 + 960 and loop.sized_num_steps(2.0, 0.0, 1500, 20) == 20
+  assert sizing_lib.sized_num_steps(2.0, 600.0, 1500) == int(2.0 * 600.0 * (1 - sizing_lib.SIZE_RESERVE))  # 1,020
+  assert sizing_lib.sized_num_steps(5.0, 600.0, 1500) == 1500  # train.num_steps is the most it takes
+  assert sizing_lib.sized_num_steps(2.0, -10.0, 1500) == 0
+  assert sizing_lib.sized_num_steps(2.0, 600.0, 1500, done=20) == 20 + 960
+  assert sizing_lib.sized_num_steps(2.0, 0.0, 1500, 20) == 20
 
 
 def test_an_evaluation_is_skipped_only_when_it_alone_would_stop_the_run_short_of_its_schedule():
-  fits = loop.evaluation_fits
+  fits = sizing_lib.evaluation_fits
   assert fits(100, 1.0, 30.0, 200.0)  # 100 s of training and 30 s of evaluation fit 200 s
   assert not fits(100, 1.0, 30.0, 120.0)  # 100 s fit, 130 s do not: the evaluation is skipped
   assert fits(100, 1.0, 30.0, 90.0)  # the schedule cannot finish either way: the run keeps its evaluations
@@ -251,7 +254,7 @@ def test_a_budgeted_run_asks_before_each_in_loop_evaluation_and_skips_the_ones_r
     asked.append((steps_left, steps_per_second, eval_seconds, seconds_left))
     return len(asked) > 1
 
-  monkeypatch.setattr(loop, "evaluation_fits", refuse_the_first)
+  monkeypatch.setattr(sizing_lib, "evaluation_fits", refuse_the_first)
   w = str(tmp_path / "w")
   cfg = {"train.num_steps": 6, "train.eval_every": 2, "train.max_minutes": 600.0, "eval.final_num_times": 0}
   loop.train_and_evaluate(_tiny_config(**cfg), w)
@@ -264,17 +267,17 @@ def test_a_budgeted_run_asks_before_each_in_loop_evaluation_and_skips_the_ones_r
 def test_timing_the_compiled_step_leaves_the_state_as_it_was():
   cd = _tiny_config(**{"mesh.shape": (1, 1, 1)})
   corpus = _synthetic_corpus()
-  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  run = loop.build(c, corpus, devices=jax.devices()[:1])
-  batch = loop.global_batch(run, {"tokens": corpus.train[:8]})
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  batch = build_lib.global_batch(run, {"tokens": corpus.train[:8]})
   key = jax.random.key(c.seed)
-  compiled = loop.compile_step(run).lower(run.state, batch, key).compile()
+  compiled = build_lib.compile_step(run).lower(run.state, batch, key).compile()
   before = jax.device_get(run.state.params)
-  rate = loop.time_train_step(run, compiled, run.state, batch, key, min_steps=2, min_seconds=0.0)
+  rate = sizing_lib.time_train_step(run, compiled, run.state, batch, key, min_steps=2, min_seconds=0.0)
   assert rate > 0 and int(run.state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state.params), before)
-  shorter = loop.with_num_steps(run, 3)
-  assert shorter.config.train.num_steps == 3 and shorter.tx is not run.tx and loop.with_num_steps(run, 4) is run
+  shorter = sizing_lib.with_num_steps(run, 3)
+  assert shorter.config.train.num_steps == 3 and shorter.tx is not run.tx and sizing_lib.with_num_steps(run, 4) is run
 
 
 def _metric_rows(workdir):
@@ -295,7 +298,7 @@ def test_a_sized_run_completes_the_schedule_it_decided(tmp_path):
   assert sizing["steps_per_second"] == 0.02 and not sizing["measured"] and sizing["cap"] == 50
   # Decided after step 2, the end of the warm-up (optim.warmup_steps=2), from the time left then.
   assert sizing["decided_at_step"] == 2
-  assert n == 2 + int(0.02 * sizing["seconds_left"] * (1 - loop.SIZE_RESERVE)) and 2 < n < 50
+  assert n == 2 + int(0.02 * sizing["seconds_left"] * (1 - sizing_lib.SIZE_RESERVE)) and 2 < n < 50
   assert meta["config"]["train"]["num_steps"] == n and meta["config"]["train"]["size_to_minutes"] == 10.0
   ckpt = ckpt_lib.Checkpointer(a)
   try:

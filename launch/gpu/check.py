@@ -98,9 +98,9 @@ def forward(cd, batch: int, *, log) -> dict:
 def _loss_curve(cd, steps: int) -> list[float]:
   import jax  # pylint: disable=g-import-not-at-top
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
-  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
   c, run_, batches = benchmark.synthetic_run(cd, num_batches=steps)
-  step = loop.compile_step(run_)
+  step = build_lib.compile_step(run_)
   state, key, losses = run_.state, jax.random.key(c.seed), []
   for batch in batches:
     state, m = step(state, batch, key)

@@ -50,13 +50,13 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   (`eval_seed`): the same draws for every run, so differences between variants
   are paired. Training metrics are averaged over the steps since the last point.
   """
-  from replaid_jax.train import loop  # late import: loop imports this package's siblings
+  from replaid_jax.train import build as build_lib  # late import: train/ imports this package's siblings
 
   cd = ml_collections.ConfigDict(cd.to_dict())
   cd.mesh.shape = (1, 1, 1)
   cd.train.num_steps = max(eval_steps)
-  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  run = loop.build(c, corpus, devices=jax.devices()[:1])
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
   one_step = functools.partial(step_lib.train_step, tx=run.tx, objective=run.objective,
                                grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay)
 
@@ -120,9 +120,9 @@ def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *,
   is learning the network.
   """
   import optax  # pylint: disable=g-import-not-at-top
-  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
-  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  bias = loop.output_bias(c, corpus)
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  bias = build_lib.output_bias(c, corpus)
   log_unigram = jnp.asarray(bound_lib.log_unigram(corpus.unigram_counts), jnp.float32)
   params, _ = model_lib.init(jax.random.key(seed), c.model, gamma_0=c.diffusion.gamma_0,
                              gamma_1=c.diffusion.gamma_1, output_bias=bias)
@@ -176,12 +176,12 @@ def attention_by_distance(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus
   neighbours before any training.
   """
   from replaid_jax.models import layers  # pylint: disable=g-import-not-at-top
-  from replaid_jax.train import loop  # pylint: disable=g-import-not-at-top
-  c = loop.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
   if c.model.block != "dit":
     raise ValueError(f"the attention profile reads DiT blocks; got model.block={c.model.block!r}.")
   params, _ = model_lib.init(jax.random.key(seed), c.model, gamma_0=c.diffusion.gamma_0,
-                             gamma_1=c.diffusion.gamma_1, output_bias=loop.output_bias(c, corpus))
+                             gamma_1=c.diffusion.gamma_1, output_bias=build_lib.output_bias(c, corpus))
   net, m = model_lib.bind(model_lib.abstract(c.model).graphdef, params).denoiser, c.model
   tokens = jnp.asarray(corpus.val[:rows], jnp.int32)
   e = embedding.lookup(embedding.normalized(params["embedding"]), tokens)
