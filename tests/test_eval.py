@@ -26,11 +26,13 @@ from replaid_jax.data import sources
 from replaid_jax.data import tokenizer as tokenizer_lib
 from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import time_sampling
+from replaid_jax.eval import analyses
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import curves as curves_lib
 from replaid_jax.eval import datasets
 from replaid_jax.eval import geometry as geometry_lib
 from replaid_jax.eval import run
+from replaid_jax.eval import zero_shot
 from replaid_jax.models import embedding
 from replaid_jax.objectives import base
 from replaid_jax.objectives import replaid
@@ -101,7 +103,8 @@ def _bound_fn(k, model_cfg, cfg):
 
 
 def _bound(params, tokens, *, k, model_cfg, cfg, seed=7, batch_size=64):
-  return run.bound_report(_bound_fn(k, model_cfg, cfg), params, tokens, jax.random.key(seed), batch_size=batch_size)
+  return analyses.bound_report(_bound_fn(k, model_cfg, cfg), params, tokens, jax.random.key(seed),
+                               batch_size=batch_size)
 
 
 @pytest.mark.slow
@@ -224,15 +227,15 @@ def test_geometry_finds_the_rank_of_a_low_rank_embedding(tmp_path):
 
 
 def test_detokenisers_and_document_splitting(tmp_path):
-  assert (datasets.detok_wikitext(" The 1 @,@ 000 @-@ year war , in 1 @.@ 5 days . ")
+  assert (zero_shot.detok_wikitext(" The 1 @,@ 000 @-@ year war , in 1 @.@ 5 days . ")
           == "The 1,000-year war, in 1.5 days.")
-  assert datasets.detok_wikitext(" = = Early life = = ") == "== Early life =="
-  assert datasets.detok_ptb("the company 's shares ca n't fall <unk> N \\/ share") == \
+  assert zero_shot.detok_wikitext(" = = Early life = = ") == "== Early life =="
+  assert zero_shot.detok_ptb("the company 's shares ca n't fall <unk> N \\/ share") == \
       "the company's shares can't fall <unk> N / share"
   wiki = tmp_path / "wiki.test.raw"
   wiki.write_text(" \n = Alpha = \n \n Alpha is a letter . \n \n = = History = = \n \n Old . \n"
                   " = Beta = \n \n Beta follows . \n")
-  docs = datasets.read_wikitext(str(wiki))
+  docs = zero_shot.read_wikitext(str(wiki))
   assert len(docs) == 2 and docs[0].startswith(" = Alpha = ") and "History" in docs[0] and "Beta" in docs[1]
 
 
@@ -259,7 +262,7 @@ def test_every_zero_shot_set_reads_its_local_release_layout(tmp_path):
   files = {
       "wikitext103": ("wikitext-103-raw/wiki.test.raw", " = A = \n \n the 1 @-@ 2 war . \n = B = \n \n more text . \n"),
       "ptb": ("ptb.test.txt", " the <unk> 's N shares \n it ca n't \n"),
-      "lm1b": (datasets.ZERO_SHOT["lm1b"].files["test"][0], "He said : \" yes . \"\nShe did n't .\n"),
+      "lm1b": (zero_shot.ZERO_SHOT["lm1b"].files["test"][0], "He said : \" yes . \"\nShe did n't .\n"),
       "lambada": ("lambada_test.jsonl", json.dumps({"text": "\u201cHi,\u201d she said"}) + "\n"),
       "ag_news": ("ag_news_csv/test.csv", '"3","Title one","Body #39;s text \\ more"\n"1","T2","B2"\n'),
       "pubmed": ("pubmed-dataset/test.txt", json.dumps({"article_text": ["a b .", "c d ."]}) + "\n"),
@@ -274,10 +277,10 @@ def test_every_zero_shot_set_reads_its_local_release_layout(tmp_path):
     assert (es.name, es.split, p["source"]) == (name, "test", str(root / rel)), name
     assert p["num_documents"] == {"wikitext103": 80}.get(name, 40 * text.count("\n")) and es.tokens.shape[1] == 32
     assert p["word_level"] == (name in ("wikitext103", "ptb", "lm1b", "lambada")) and p["words_per_token"] > 0
-  assert datasets.detok_lm1b('He said : " yes . "') == 'He said: "yes."'
-  assert datasets.detok_lambada("\u201cHi,\u201d she said ") == '"Hi," she said'
-  assert datasets.read_ag_news_csv(str(root / files["ag_news"][0]))[0] == "Title one Body #39;s text \\ more"
-  assert datasets.read_papers(str(root / files["pubmed"][0]))[0] == "a b . c d ."
+  assert zero_shot.detok_lm1b('He said : " yes . "') == 'He said: "yes."'
+  assert zero_shot.detok_lambada("\u201cHi,\u201d she said ") == '"Hi," she said'
+  assert zero_shot.read_ag_news_csv(str(root / files["ag_news"][0]))[0] == "Title one Body #39;s text \\ more"
+  assert zero_shot.read_papers(str(root / files["pubmed"][0]))[0] == "a b . c d ."
 
 
 def test_a_zero_shot_set_reads_a_prepared_tfds_builder_without_tensorflow(tmp_path, monkeypatch):
@@ -301,14 +304,14 @@ def test_a_zero_shot_set_reads_a_prepared_tfds_builder_without_tensorflow(tmp_pa
 
   root = tmp_path / "tfds"
   ReplaidTinyNews(data_dir=str(root), file_format="array_record").download_and_prepare()
-  spec = dataclasses.replace(datasets.ZERO_SHOT["ag_news"], tfds=("replaid_tiny_news", ("title", "description")))
-  monkeypatch.setitem(datasets.ZERO_SHOT, "ag_news", spec)
+  spec = dataclasses.replace(zero_shot.ZERO_SHOT["ag_news"], tfds=("replaid_tiny_news", ("title", "description")))
+  monkeypatch.setitem(zero_shot.ZERO_SHOT, "ag_news", spec)
   tok = _train_tokenizer(tmp_path, 384)
   data_cfg = config_lib.from_config_dict(tiny.get_config()).data
   es = datasets.load("ag_news", split="test", data_cfg=data_cfg, vocab_size=tok.vocab_size, tok=tok,
                      workdir=str(tmp_path), data_dir=str(root))  # no local files there: the builder is read
   assert es.protocol["num_documents"] == 60 and "replaid_tiny_news" in es.protocol["source"]
-  docs, _ = datasets._tfds_docs(spec, "test", str(root))  # pylint: disable=protected-access
+  docs, _ = zero_shot._tfds_docs(spec, "test", str(root))  # pylint: disable=protected-access
   assert sorted(docs) == sorted(f"{r['title']} {r['description']}" for r in rows)
   assert "tensorflow" not in sys.modules
 

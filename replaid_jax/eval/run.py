@@ -19,14 +19,12 @@
      each sequence's bound to ..._step<N>_per_sequence.npy (for paired
      comparisons between checkpoints), TensorBoard scalars and a one-line
      summary; optionally curves and geometry.
-`watch(...)` evaluates each new checkpoint once.
+The bound, curves and geometry are computed in analyses.py; `watch(...)` evaluates each new checkpoint once.
 """
 
 import dataclasses
 import datetime
 import functools
-import hashlib
-import json
 import math
 import os
 import time
@@ -34,29 +32,22 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 import replaid_jax
 from replaid_jax import base_config
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import errors
-from replaid_jax import flops as flops_lib
 from replaid_jax import inference
 from replaid_jax import metrics as metrics_lib
 from replaid_jax import objectives
 from replaid_jax import paths
-from replaid_jax import progress as progress_lib
-from replaid_jax.eval import bound as bound_lib
-from replaid_jax.eval import curves as curves_lib
+from replaid_jax.eval import analyses as analyses_lib
 from replaid_jax.eval import datasets
-from replaid_jax.eval import geometry as geometry_lib
 from replaid_jax.models import model as model_lib
 
 ANALYSES = ("bound", "curves", "geometry")
-_EVAL_SALT = 2**31 - 3  # the eval key is fold_in(key(seed), salt): the same for every checkpoint of a run
 
 
 # ---- config.
@@ -117,69 +108,6 @@ def build_model(c: config_lib.Config, devices=None) -> inference.Model:
   return inference.build_model(c, devices, batch_size=c.eval.batch_size, batch_key="eval.batch_size")
 
 
-# ---- the bound.
-
-
-def bound_report(bound_fn: Callable, params, tokens: np.ndarray, key: jax.Array, *, batch_size: int,
-                 max_batches: int = 0, put=None, progress=None) -> tuple[dict, dict[str, np.ndarray]]:
-  """`bound.evaluate` plus the per-sequence terms: (summary with per-term standard errors, {term: [N] array})."""
-  outputs = []
-
-  def recording(p, x, k):
-    out = bound_fn(p, x, k)
-    outputs.append(out)
-    return out
-
-  res = bound_lib.evaluate(recording, params, tokens, key, batch_size=batch_size, max_batches=max_batches,
-                           put=put, progress=progress)
-  m = res["num_sequences"]
-  per = {name: np.concatenate([np.asarray(jax.device_get(getattr(o, name)), np.float64) for o in outputs])[:m]
-         for name in ("recon", "diffusion", "prior")}
-  per["total"] = per["recon"] + per["diffusion"] + per["prior"]
-  se = lambda v: float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
-  res["stderr_terms"] = {name: se(per[name]) for name in ("recon", "diffusion", "prior")}
-  res["stderr_bits"] = res["stderr"] / math.log(2)
-  res["ci95_bits"] = [x / math.log(2) for x in res["ci95"]]
-  res["perplexity_ci95"] = [math.exp(x) for x in res["ci95"]]
-  return res, per
-
-
-def _forward_fn(c: config_lib.Config, model: Model, *, selfcond: bool):
-  return curves_lib.make_terms_fn(model_cfg=c.model, cfg=c.diffusion, params_sharding=model.params_sharding,
-                                  batch_sharding=model.batch_sharding, selfcond=selfcond)
-
-
-def _seconds_per_call(fn, *args, reps: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    jax.block_until_ready(fn(*args))
-  return (time.perf_counter() - t0) / reps
-
-
-class _ProgressLog:
-  """Logs the progress line (replaid_jax/progress.py) at most every `every` seconds, at the first and the last
-  unit; the rate and ETA count from the end of the first unit, which carries the compilation."""
-
-  def __init__(self, label: str, tokens_per_unit: int, unit: str = "batches", every: float = 10.0,
-               clock=time.monotonic):
-    self.label, self.tokens_per_unit, self.unit, self.every, self.clock = label, tokens_per_unit, unit, every, clock
-    self.progress: progress_lib.Progress | None = None
-    self.last = clock()
-
-  def __call__(self, done: int, total: int) -> None:
-    if self.progress is None:
-      self.progress = progress_lib.Progress(total, unit=self.unit, label=self.label, start=done - 1, clock=self.clock)
-    now = self.clock()
-    self.progress.update(done, now)
-    if done < total and now - self.last < self.every and done != 1:
-      return
-    self.last = now
-    rate = self.progress.rate()
-    tokens = f", {rate * self.tokens_per_unit:,.0f} tokens/s" if rate and self.tokens_per_unit else ""
-    logging.info("%s%s", self.progress.line(now=now), tokens)
-
-
 # ---- one checkpoint.
 
 
@@ -232,6 +160,19 @@ def per_sequence_path(result_json: str) -> str:
   return os.path.splitext(result_json)[0] + "_per_sequence.npy"
 
 
+@dataclasses.dataclass
+class _Restored:
+  """A checkpoint opened for evaluation: its config, tokenizer, model and EMA parameters."""
+
+  step: int
+  directory: str  # <workdir>/checkpoints/<step>
+  meta: dict
+  config: config_lib.Config
+  tok: Any
+  model: Model
+  params: Any
+
+
 def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str = "validation",
                         overrides: dict[str, Any] | None = None, output_dir: str | None = None,
                         analyses: tuple[str, ...] = ("bound",), timing: bool = True,
@@ -242,70 +183,20 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
     raise errors.ConfigError(f"unknown analyses {unknown}; choose from {ANALYSES}.")
   session = session or Session()
   t_start = time.time()
-  ckpt, step, meta = open_checkpoint(workdir, step)
-  try:
-    c = checkpoint_config(meta, overrides)
-    tok = inference.checkpoint_tokenizer(meta, workdir)
-    model = session.model(c)
-    params = restore_params(ckpt, step, model)
-  finally:
-    ckpt.close()
+  r = _restore(session, workdir, step, overrides)
+  c = r.config
   out_dir = output_dir_for(workdir, output_dir)
-  evalset = session.dataset(dataset, c, tok, workdir)
-  label = f"{datasets.display_name(evalset.name, evalset.split)} step {step}"
-  key = jax.random.fold_in(jax.random.key(c.seed), _EVAL_SALT)
-  put = functools.partial(jax.device_put, device=model.batch_sharding)
+  evalset = session.dataset(dataset, c, r.tok, workdir)
   if not objectives.REGISTRY[c.objective].learned_embeddings and set(analyses) - {"bound"}:
-    raise errors.ConfigError(f"--curves and --geometry analyse RePlaid's embeddings and noise schedule; this checkpoint "
-                             f"was trained with objective={c.objective!r}. Evaluate its bound only.")
-  bounds = (jax.tree.map(float, jax.device_get(params["bounds"])) if "bounds" in params
-            else {"gamma_0": None, "gamma_1": None})
-  result = {
-      "objective": c.objective,
-      "step": step, "workdir": paths.absolute(workdir), "checkpoint": paths.join(ckpt.directory, str(step)),
-      "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
-      "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
-      "model": {"num_params": model_lib.count(params), "vocab_size": c.model.vocab_size, "width": c.model.width,
-                "num_layers": c.model.num_layers, "embed_dim": c.model.embed_dim},
-      "checkpoint_metadata": {k: meta.get(k) for k in ("objective", "tokenizer", "data", "replaid_jax_version",
-                                                       "jax_version", "num_params")},
-      "eval_config": dataclasses.asdict(c.eval), "replaid_jax_version": replaid_jax.__version__,
-      "jax_version": jax.__version__, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-  }
+    raise errors.ConfigError(f"--curves and --geometry analyse RePlaid's embeddings and noise schedule; this "
+                             f"checkpoint was trained with objective={c.objective!r}. Evaluate its bound only.")
+  result = _result_head(r, workdir, evalset)
   writer = metrics_lib.MetricWriter(out_dir)
-  prefix = f"{evalset.name}_{evalset.split}/"
   try:
-    if "bound" in analyses:
-      result.update(_bound(session, c, model, params, evalset, key, put, label, timing))
-      if not math.isfinite(result["nats_per_token"]):
-        raise errors.CheckpointError(
-            f"the bound of checkpoint step {step} is not finite ({result['nats_per_token']}); nothing was written. "
-            "The parameters are finite, so the model overflows on this data; evaluate an earlier step (--step).")
-      scalars = {k: result[k] for k in ("nats_per_token", "bits_per_token", "perplexity_bound", "stderr", "recon",
-                                        "diffusion", "prior")}
-      if "tokens_per_s" in result.get("throughput", {}):
-        scalars["tokens_per_s"] = result["throughput"]["tokens_per_s"]
-      writer.write(step, scalars, prefix=prefix, console=False)
-    if "curves" in analyses:
-      result["curves"] = _curves(session, c, model, params, evalset, key, put, label, out_dir, step)
-      writer.write(step, {"ce_linear_r2": result["curves"]["summary"]["ce_linear_fit"]["r2"],
-                          "diffusion_cv": result["curves"]["summary"]["diffusion_cv"]},
-                   prefix=prefix + "curves/", console=False)
-      writer.write_image(prefix + "curves", result["curves"].get("png", ""), step)
-    if "geometry" in analyses:
-      result["geometry"] = _geometry(c, params, evalset, tok, out_dir, step)
-      writer.write(step, {"pcs_for_90pct": result["geometry"]["all_rows"]["components_for_90pct"]},
-                   prefix="geometry/", console=False)
-      writer.write_image("geometry/pca_scree", result["geometry"].get("png", ""), step)
+    _run_analyses(session, r, evalset, analyses, timing, out_dir, writer, result)
     result["seconds_total"] = time.time() - t_start
-    path = result_path(workdir, step, dataset, c.eval.split, output_dir, c.eval.max_batches)
-    per_sequence = result.pop("per_sequence", None)
-    if per_sequence is not None:
-      # Each sequence's bound (nats/token), in evaluation order: two checkpoints evaluated on the same tokens
-      # (protocol.tokens_sha256) with the same key can be compared per sequence (launch/sweeps/compare.py).
-      result["per_sequence_file"] = os.path.basename(per_sequence_path(path))
-      writer.write_array(result["per_sequence_file"], per_sequence)
-    result["path"] = writer.write_json(os.path.basename(path), result)
+    _write_result(writer, result, result_path(workdir, r.step, dataset, c.eval.split, output_dir,
+                                              c.eval.max_batches))
   finally:
     writer.close()
   line = summary_line(result)
@@ -315,115 +206,79 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, dataset: str =
   return result
 
 
-def _bound(session: Session, c, model: Model, params, evalset, key, put, label: str, timing: bool) -> dict:
-  k, b, seq_len = c.eval.final_num_times, c.eval.batch_size, evalset.tokens.shape[1]
-  fkey = (repr(dataclasses.replace(c, eval=None)), "bound", k, b, seq_len)
-  t0 = time.time()
-
-  def compile_bound():
-    fn = bound_lib.make_bound_fn(objectives.make(c), num_times=k,
-                                 params_sharding=model.params_sharding, batch_sharding=model.batch_sharding)
-    batch = jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=model.batch_sharding)
-    return fn.lower(model.abstract_params, batch, key).compile()
-
-  compiled = session.fn(fkey, compile_bound)
-  compile_s = time.time() - t0
-  n = evalset.tokens.shape[0]
-  total_batches = math.ceil(n / b)
-  t0 = time.time()
-  res, per = bound_report(compiled, params, evalset.tokens, key, batch_size=b, max_batches=c.eval.max_batches,
-                          put=put, progress=_ProgressLog(f"bound {label}", b * seq_len))
-  res["per_sequence"] = per["total"]  # written next to the JSON by evaluate_checkpoint
-  seconds = time.time() - t0
-  batches = min(total_batches, c.eval.max_batches) if c.eval.max_batches else total_batches
-  res["num_times"] = k
-  objective = objectives.make(c)
-  protocol = dict(evalset.protocol)
-  protocol.update({"objective": c.objective, **objective.bound_protocol(k)})
-  protocol.update({
-      "batch_size": b, "seed": c.seed, "key": f"fold_in(key(seed), {_EVAL_SALT})",
-      "num_sequences_available": n, "num_sequences": res["num_sequences"], "num_tokens": res["num_tokens"],
-      "max_batches": c.eval.max_batches, "complete": res["num_sequences"] == n,
-      "tokens_sha256": hashlib.sha256(np.ascontiguousarray(evalset.tokens[:res["num_sequences"]],
-                                                           np.int32).tobytes()).hexdigest(),
-  })
-  if protocol.get("words_per_token"):
-    res["word_perplexity_bound"] = math.exp(res["nats_per_token"] / protocol["words_per_token"])
-  if evalset.unigram_counts is not None:
-    res["unigram_nats_per_token"] = bound_lib.unigram_cross_entropy(evalset.unigram_counts,
-                                                                   evalset.tokens[:res["num_sequences"]])
-    res["ratio_to_unigram"] = res["nats_per_token"] / res["unigram_nats_per_token"]
-  fwd_flops = flops_lib.forward_flops_per_sequence(
-      seq_len=seq_len, width=c.model.width, num_layers=c.model.num_layers, vocab_size=c.model.vocab_size,
-      embed_dim=c.model.embed_dim, mlp_ratio=c.model.mlp_ratio, output_prior=c.diffusion.output_prior,
-      token_input=objective.token_input)
-  # Forward passes per sequence: RePlaid 2 (K + 1) (self-conditioned passes), discrete diffusion K, AR 1.
-  passes = objective.forward_passes(k)
-  thr = {"seconds": seconds, "compile_seconds": compile_s, "batches": batches, "seconds_per_batch": seconds / batches,
-         "tokens_per_s": res["num_tokens"] / seconds, "sequences_per_s": res["num_sequences"] / seconds,
-         "analytic_flops_per_token": passes * fwd_flops / seq_len,
-         "flops_per_s": passes * fwd_flops * res["num_sequences"] / seconds, "ideal_ratio_to_forward": passes}
-  if objective.self_conditions:
-    thr["ideal_ratio_to_selfcond_forward"] = k + 1
-  if timing and not objective.self_conditions:
-    batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
-    fn = session.fn(fkey[:1] + ("forward", b, seq_len), lambda: jax.jit(objective.forward))
-    thr["forward_seconds_per_batch"] = _seconds_per_call(fn, params, batch)
-    thr["ratio_to_forward"] = thr["seconds_per_batch"] / thr["forward_seconds_per_batch"]
-  elif timing:
-    batch = put(evalset.tokens[:b] if n >= b else np.resize(evalset.tokens, (b, seq_len)))
-    t_b = jnp.full((b,), 0.5, jnp.float32)
-    for name, sc in (("forward", False), ("selfcond_forward", True)):
-      fn = session.fn(fkey[:1] + (name, b, seq_len), functools.partial(_forward_fn, c, model, selfcond=sc))
-      thr[f"{name}_seconds_per_batch"] = _seconds_per_call(fn, params, batch, t_b, key)
-    thr["ratio_to_forward"] = thr["seconds_per_batch"] / thr["forward_seconds_per_batch"]
-    thr["ratio_to_selfcond_forward"] = thr["seconds_per_batch"] / thr["selfcond_forward_seconds_per_batch"]
-  res["throughput"] = thr
-  res["protocol"] = protocol
-  return res
+def _restore(session: Session, workdir: str, step: int | None, overrides: dict[str, Any] | None) -> _Restored:
+  """Opens the checkpoint read-only, rebuilds its config and model and restores its EMA parameters."""
+  ckpt, step, meta = open_checkpoint(workdir, step)
+  try:
+    c = checkpoint_config(meta, overrides)
+    tok = inference.checkpoint_tokenizer(meta, workdir)
+    model = session.model(c)
+    params = restore_params(ckpt, step, model)
+  finally:
+    ckpt.close()
+  return _Restored(step, paths.join(ckpt.directory, str(step)), meta, c, tok, model, params)
 
 
-def _curves(session: Session, c, model: Model, params, evalset, key, put, label: str, out_dir: str, step: int) -> dict:
-  b, seq_len = c.eval.batch_size, evalset.tokens.shape[1]
-  tokens = evalset.tokens[:c.eval.curve_max_sequences]
-  fn = session.fn((repr(dataclasses.replace(c, eval=None)), "curves", b, seq_len),
-                  functools.partial(_forward_fn, c, model, selfcond=True))
-  t0 = time.time()
-  curves = curves_lib.compute(fn, params, tokens, jax.random.fold_in(key, 1), num_points=c.eval.curve_points,
-                              batch_size=b, put=put,
-                              progress=_ProgressLog(f"curves {label}", tokens.size, unit="grid points"))
-  summary = curves_lib.summarise(curves)
-  stem = f"curves_{evalset.name}_{evalset.split}_step{step}"
-  out = {**curves, "summary": summary, "seconds": time.time() - t0, "json": os.path.join(out_dir, stem + ".json")}
-  if jax.process_index() == 0:
-    paths.makedirs(out_dir)
-    out["png"] = curves_lib.save_plot(curves, summary, os.path.join(out_dir, stem + ".png"),
-                                      f"information loss, {datasets.display_name(evalset.name, evalset.split)}, "
-                                      f"step {step}")
-    with paths.open_file(out["json"], "w") as f:
-      json.dump(out, f, indent=2)
-  logging.info("curves %s: CE(t) linear R^2 = %.4f, CV of l(t) = %.3f, integral of l(t) = %.4f", label,
-               summary["ce_linear_fit"]["r2"], summary["diffusion_cv"], summary["diffusion_integral_trapezoid"])
-  return out
+def _result_head(r: _Restored, workdir: str, evalset: datasets.EvalSet) -> dict:
+  """The results' first keys: what was evaluated, on what, with which versions and devices."""
+  c = r.config
+  bounds = (jax.tree.map(float, jax.device_get(r.params["bounds"])) if "bounds" in r.params
+            else {"gamma_0": None, "gamma_1": None})
+  return {
+      "objective": c.objective,
+      "step": r.step, "workdir": paths.absolute(workdir), "checkpoint": r.directory,
+      "dataset": evalset.name, "split": evalset.split, "time": datetime.datetime.now(datetime.UTC).isoformat(),
+      "gamma_0": bounds["gamma_0"], "gamma_1": bounds["gamma_1"],
+      "model": {"num_params": model_lib.count(r.params), "vocab_size": c.model.vocab_size, "width": c.model.width,
+                "num_layers": c.model.num_layers, "embed_dim": c.model.embed_dim},
+      "checkpoint_metadata": {k: r.meta.get(k) for k in ("objective", "tokenizer", "data", "replaid_jax_version",
+                                                         "jax_version", "num_params")},
+      "eval_config": dataclasses.asdict(c.eval), "replaid_jax_version": replaid_jax.__version__,
+      "jax_version": jax.__version__, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  }
 
 
-def _geometry(c, params, evalset, tok, out_dir: str, step: int) -> dict:
-  counts = np.bincount(evalset.tokens.reshape(-1), minlength=c.model.vocab_size)
-  result = geometry_lib.analyse(jax.device_get(params), counts, top_tokens=c.eval.geometry_top_tokens,
-                                tokenizer=tok)
-  result["counts_from"] = f"{evalset.name}/{evalset.split}"
-  stem = f"geometry_step{step}"
-  result["json"] = os.path.join(out_dir, stem + ".json")
-  if jax.process_index() == 0:
-    paths.makedirs(out_dir)
-    result["png"] = geometry_lib.save_scree(result, os.path.join(out_dir, stem + ".png"),
-                                            f"embedding PCA, step {step} (d_e={result['embed_dim']})")
-    with paths.open_file(result["json"], "w") as f:
-      json.dump(result, f, indent=2)
-  logging.info("geometry step %d: %d of %d components hold 90%% of the variance (all rows; %s frequency-weighted)",
-               step, result["all_rows"]["components_for_90pct"], result["embed_dim"],
-               result.get("frequency_weighted", {}).get("components_for_90pct", "-"))
-  return result
+def _run_analyses(session: Session, r: _Restored, evalset: datasets.EvalSet, analyses: tuple[str, ...],
+                  timing: bool, out_dir: str, writer: metrics_lib.MetricWriter, result: dict) -> None:
+  """Runs the chosen analyses into `result` and writes their TensorBoard scalars and images."""
+  c, step, model, params = r.config, r.step, r.model, r.params
+  label = f"{datasets.display_name(evalset.name, evalset.split)} step {step}"
+  key = analyses_lib.eval_key(c)
+  put = functools.partial(jax.device_put, device=model.batch_sharding)
+  prefix = f"{evalset.name}_{evalset.split}/"
+  if "bound" in analyses:
+    result.update(analyses_lib.bound(session.fn, c, model, params, evalset, key, put, label, timing))
+    if not math.isfinite(result["nats_per_token"]):
+      raise errors.CheckpointError(
+          f"the bound of checkpoint step {step} is not finite ({result['nats_per_token']}); nothing was written. "
+          "The parameters are finite, so the model overflows on this data; evaluate an earlier step (--step).")
+    scalars = {k: result[k] for k in ("nats_per_token", "bits_per_token", "perplexity_bound", "stderr", "recon",
+                                      "diffusion", "prior")}
+    if "tokens_per_s" in result.get("throughput", {}):
+      scalars["tokens_per_s"] = result["throughput"]["tokens_per_s"]
+    writer.write(step, scalars, prefix=prefix, console=False)
+  if "curves" in analyses:
+    result["curves"] = analyses_lib.curves(session.fn, c, model, params, evalset, key, put, label, out_dir, step)
+    writer.write(step, {"ce_linear_r2": result["curves"]["summary"]["ce_linear_fit"]["r2"],
+                        "diffusion_cv": result["curves"]["summary"]["diffusion_cv"]},
+                 prefix=prefix + "curves/", console=False)
+    writer.write_image(prefix + "curves", result["curves"].get("png", ""), step)
+  if "geometry" in analyses:
+    result["geometry"] = analyses_lib.geometry(c, params, evalset, r.tok, out_dir, step)
+    writer.write(step, {"pcs_for_90pct": result["geometry"]["all_rows"]["components_for_90pct"]},
+                 prefix="geometry/", console=False)
+    writer.write_image("geometry/pca_scree", result["geometry"].get("png", ""), step)
+
+
+def _write_result(writer: metrics_lib.MetricWriter, result: dict, path: str) -> None:
+  """Writes the results to `path` (its name in the writer's directory) and the per-sequence bounds beside it."""
+  per_sequence = result.pop("per_sequence", None)
+  if per_sequence is not None:
+    # Each sequence's bound (nats/token), in evaluation order: two checkpoints evaluated on the same tokens
+    # (protocol.tokens_sha256) with the same key can be compared per sequence (launch/sweeps/compare.py).
+    result["per_sequence_file"] = os.path.basename(per_sequence_path(path))
+    writer.write_array(result["per_sequence_file"], per_sequence)
+  result["path"] = writer.write_json(os.path.basename(path), result)
 
 
 def summary_line(r: dict) -> str:
@@ -473,7 +328,6 @@ def watch(workdir: str, *, dataset: str = "validation", overrides: dict[str, Any
   (or `max_iterations` polls). Steps whose results file already exists are skipped."""
   session = Session()
   ev = eval_section({}, overrides or {})
-  split, max_batches = ev["split"], ev["max_batches"]
   done: set[int] = set()
   results = []
   polls = 0
@@ -483,25 +337,28 @@ def watch(workdir: str, *, dataset: str = "validation", overrides: dict[str, Any
       steps = _listed_steps(workdir)
       if steps is None:
         logging.info("waiting for checkpoints at %s", ckpt_lib.checkpoint_dir(workdir))
-      for step in steps or []:
-        if step in done:
-          continue
+      for step in sorted(set(steps or []) - done):
         done.add(step)
-        path = result_path(workdir, step, dataset, split, output_dir, max_batches)
-        if paths.exists(path):
-          logging.info("step %d already evaluated (%s)", step, path)
-          continue
-        try:
-          results.append(evaluate_checkpoint(workdir, step=step, dataset=dataset, overrides=overrides,
-                                             output_dir=output_dir, analyses=analyses, timing=timing,
-                                             session=session))
-        except errors.CheckpointError as e:
-          if step in (_listed_steps(workdir) or []):
-            raise
-          logging.warning("step %d was removed before it could be evaluated (%s)", step, e)
+        path = result_path(workdir, step, dataset, ev["split"], output_dir, ev["max_batches"])
+        results += _evaluate_new_step(workdir, step, path, dataset=dataset, overrides=overrides,
+                                      output_dir=output_dir, analyses=analyses, timing=timing, session=session)
       if max_iterations is not None and polls >= max_iterations:
         break
       sleep(poll_seconds)
   except KeyboardInterrupt:
     logging.info("watch stopped after %d evaluation(s)", len(results))
   return results
+
+
+def _evaluate_new_step(workdir: str, step: int, path: str, **kwargs) -> list[dict]:
+  """[the results of `step`], or [] when its results file `path` exists or the step was removed meanwhile."""
+  if paths.exists(path):
+    logging.info("step %d already evaluated (%s)", step, path)
+    return []
+  try:
+    return [evaluate_checkpoint(workdir, step=step, **kwargs)]
+  except errors.CheckpointError as e:
+    if step in (_listed_steps(workdir) or []):
+      raise
+    logging.warning("step %d was removed before it could be evaluated (%s)", step, e)
+    return []
