@@ -8,7 +8,7 @@
 No data files or tokenizer are read: the run is built on random tokens of the
 config's shape (`--vocab_size` when the config takes its vocabulary from a
 tokenizer file or data shards). `--peak=auto` takes the chip's dense peak from
-the table in replaid_jax/benchmark.py (on CPU: a measured 2048^2 float32
+the table in replaid_jax/chips.py (on CPU: a measured 2048^2 float32
 matmul), `--peak=<chip>` names a row and `--peak=<number>` gives FLOP/s per
 device; either is multiplied by the number of devices. On TPU pods and under
 SLURM every process runs the same command, as for launch/train.py.
@@ -23,7 +23,9 @@ import jax
 from ml_collections import config_flags
 
 from replaid_jax import benchmark
+from replaid_jax import chips
 from replaid_jax import cli
+from replaid_jax import cost_estimate
 from replaid_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
@@ -32,7 +34,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run first (after compilation).")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size when the config takes it from a tokenizer.")
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", None, "Replaces mesh.shape, e.g. 2,-1,1.")
-_PEAK = flags.DEFINE_string("peak", "auto", "auto, a chip name (" + ", ".join(c.name for c in benchmark.CHIPS) +
+_PEAK = flags.DEFINE_string("peak", "auto", "auto, a chip name (" + ", ".join(c.name for c in chips.CHIPS) +
                             ") or peak FLOP/s per device.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Where to write the result as JSON.")
 _FORWARD_ONLY = flags.DEFINE_bool("forward_only", False, "Time one forward pass of the network instead of the step.")
@@ -45,7 +47,7 @@ distributed.define_flags()
 
 def _valid_peak(spec: str) -> bool:
   try:
-    benchmark.check_peak_spec(spec)
+    chips.check_peak_spec(spec)
   except ValueError as e:
     raise flags.ValidationError(str(e)) from None
   return True
@@ -60,7 +62,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _ESTIMATE.value:
-    print(benchmark.estimate_table(num_chips=_NUM_CHIPS.value, mfu=_MFU.value))
+    print(cost_estimate.estimate_table(num_chips=_NUM_CHIPS.value, mfu=_MFU.value))
   if _CONFIG.value is None:
     if not _ESTIMATE.value:
       raise app.UsageError("pass --config=configs/X.py (or --estimate).")

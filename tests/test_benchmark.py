@@ -11,6 +11,8 @@ import pytest
 
 from configs import tiny
 from replaid_jax import benchmark
+from replaid_jax import chips
+from replaid_jax import cost_estimate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,45 +30,45 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("NVIDIA H200", "h200"),
 ])
 def test_chip_lookup_by_device_kind(kind, name):
-  assert benchmark.chip_for_kind(kind).name == name
+  assert chips.chip_for_kind(kind).name == name
 
 
 def test_unknown_kinds_have_no_chip():
-  assert benchmark.chip_for_kind("cpu") is None
-  assert benchmark.chip_for_kind("NVIDIA GeForce GTX 1080") is None
+  assert chips.chip_for_kind("cpu") is None
+  assert chips.chip_for_kind("NVIDIA GeForce GTX 1080") is None
 
 
 def test_peaks_are_the_dense_per_chip_figures():
-  peaks = {c.name: c.bf16 for c in benchmark.CHIPS}
+  peaks = {c.name: c.bf16 for c in chips.CHIPS}
   assert peaks == {"tpu-v4": 275e12, "tpu-v5e": 197e12, "tpu-v5p": 459e12, "tpu-v6e": 918e12, "a100": 312e12,
                    "h100": 989e12, "h200": 989e12}
 
 
 def test_resolve_peak_auto_table_name_number_and_measured():
   never = lambda: pytest.fail("measured where the table has the chip")  # pylint: disable=unnecessary-lambda-assignment
-  p = benchmark.resolve_peak("auto", device_kind="TPU v5 lite", platform="tpu", num_devices=8, measure=never)
+  p = chips.resolve_peak("auto", device_kind="TPU v5 lite", platform="tpu", num_devices=8, measure=never)
   assert p["flops_per_s"] == 8 * 197e12 and p["chip"] == "tpu-v5e" and "table" in p["source"]
-  p = benchmark.resolve_peak("auto", device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_devices=2,
+  p = chips.resolve_peak("auto", device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_devices=2,
                              compute_dtype="float32", measure=never)
   assert p["per_device"] == 495e12 and "TF32" in p["source"]
-  p = benchmark.resolve_peak("a100", device_kind="cpu", platform="cpu", num_devices=4, measure=never)
+  p = chips.resolve_peak("a100", device_kind="cpu", platform="cpu", num_devices=4, measure=never)
   assert p["flops_per_s"] == 4 * 312e12
-  p = benchmark.resolve_peak("2.5e11", device_kind="cpu", platform="cpu", num_devices=2, measure=never)
+  p = chips.resolve_peak("2.5e11", device_kind="cpu", platform="cpu", num_devices=2, measure=never)
   assert p["flops_per_s"] == 5e11 and p["source"].startswith("given")
-  p = benchmark.resolve_peak("auto", device_kind="cpu", platform="cpu", num_devices=1, measure=lambda: 1.5e11)
+  p = chips.resolve_peak("auto", device_kind="cpu", platform="cpu", num_devices=1, measure=lambda: 1.5e11)
   assert p["flops_per_s"] == 1.5e11 and p["source"].startswith("measured")
   with pytest.raises(ValueError, match="unknown chip"):
-    benchmark.resolve_peak("v9", device_kind="cpu", platform="cpu", num_devices=1, measure=never)
+    chips.resolve_peak("v9", device_kind="cpu", platform="cpu", num_devices=1, measure=never)
   with pytest.raises(ValueError, match="positive"):
-    benchmark.check_peak_spec("0")
+    chips.check_peak_spec("0")
 
 
 def test_estimate_matches_a_hand_computation():
-  w = benchmark.Workload("w", fwd_flops=1e9, batch=10, steps=100, selfcond_fraction=0.25)
+  w = cost_estimate.Workload("w", fwd_flops=1e9, batch=10, steps=100, selfcond_fraction=0.25)
   assert w.protocol_flops == 3e12  # 3 x 1e9 x 10 x 100
   assert w.executed_flops == pytest.approx(3.25e12)  # + 1e9 x 10 x 0.25 per step
-  chip = benchmark.Chip("x", bf16=1e12, fp32=None, match=("x",), price=2.0, price_source="assumed")
-  e = benchmark.estimate(w, chip, num_chips=4, mfu=0.5)
+  chip = chips.Chip("x", bf16=1e12, fp32=None, match=("x",), price=2.0, price_source="assumed")
+  e = cost_estimate.estimate(w, chip, num_chips=4, mfu=0.5)
   seconds = 3.25e12 / (0.5 * 1e12 * 4)  # 1.625 s on 4 chips
   assert e["wall_hours"] == pytest.approx(seconds / 3600)
   assert e["chip_hours"] == pytest.approx(4 * seconds / 3600)
@@ -74,12 +76,12 @@ def test_estimate_matches_a_hand_computation():
 
 
 def test_protocol_workloads_spend_their_budgets():
-  ws = {(w.name, w.budget): w for w in benchmark.protocol_workloads()}
+  ws = {(w.name, w.budget): w for w in cost_estimate.protocol_workloads()}
   w = ws[("slimpajama:66M", 1e19)]
   assert w.batch == 256 and w.protocol_flops <= 1e19 < w.protocol_flops + 3 * w.fwd_flops * w.batch
   assert ws[("owt_base", None)].steps == 1_000_000 and ws[("owt_base", None)].batch == 512
-  table = benchmark.estimate_table(mfu=0.4, num_chips=8)
-  assert table.count("slimpajama:231M") == len(benchmark.PROTOCOL_BUDGETS) and "40%" in table
+  table = cost_estimate.estimate_table(mfu=0.4, num_chips=8)
+  assert table.count("slimpajama:231M") == len(cost_estimate.PROTOCOL_BUDGETS) and "40%" in table
 
 
 def test_tiny_benchmark_reports_finite_positive_figures():

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from replaid_jax import scaling
+from replaid_jax import scaling_analysis
+from replaid_jax import scaling_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +139,7 @@ def test_non_embedding_params_formula():
 
 
 def test_analyze_recovers_planted_laws_gap_and_param_ratio():
-  result = scaling.analyze(_synthetic_runs(), reference="ar")
+  result = scaling_analysis.analyze(_synthetic_runs(), reference="ar")
   json.dumps(result, allow_nan=False)  # JSON-able, without NaN
   for method in ("ar", "replaid"):
     info = result["methods"][method]
@@ -158,15 +160,15 @@ def test_analyze_reports_instead_of_failing(tmp_path):
   one_budget = [dict(r, method="tiny") for r in runs if r["budget"] == BUDGETS[0]]
   concave = [dict(r, method="bad", loss=3.0 - 0.1 * (math.log(r["num_params"]) - 12) ** 2) for r in runs]
   two_points = [dict(r, method="few") for r in runs[:2]]
-  result = scaling.analyze(runs + one_budget + concave + two_points, reference="ar")
+  result = scaling_analysis.analyze(runs + one_budget + concave + two_points, reference="ar")
   json.dumps(result, allow_nan=False)
   assert any("'ar' is absent" in n for n in result["notes"])
   assert result["methods"]["tiny"]["loss_law"] is None and "at least 2" in result["methods"]["tiny"]["note"]
   assert not any(e["isoflop_fit"]["valid"] for e in result["methods"]["bad"]["budgets"])
   assert "at least 3" in result["methods"]["few"]["budgets"][0]["isoflop_fit"]["reason"]
   assert result["comparisons"] == {}
-  assert "no minimum" in scaling.markdown_tables(result)
-  paths = scaling.plot(result, runs + one_budget + concave + two_points, str(tmp_path))
+  assert "no minimum" in scaling_report.markdown_tables(result)
+  paths = scaling_report.plot(result, runs + one_budget + concave + two_points, str(tmp_path))
   assert all(os.path.getsize(p) > 0 for p in paths)
 
 
@@ -250,16 +252,16 @@ def test_isoflop_fit_window_stays_local():
   # A bowl in ln N at small sizes, then a flat plateau the parabola cannot follow.
   log_n = np.log([1e4, 3e4, 1e5, 3e5, 1e6, 3e6])
   losses = [3.3, 3.0, 3.2, 4.7, 4.72, 4.71]
-  assert scaling.fit_window(losses, 0) == (0, 6)
-  assert scaling.fit_window(losses, 3) == (0, 3)
-  assert scaling.fit_window([5, 4, 3, 2, 1], 3) == (2, 5)  # clamped at the end
-  assert scaling.fit_window([5, 4, 3, 2, 1], 4) == (1, 5)
+  assert scaling_analysis.fit_window(losses, 0) == (0, 6)
+  assert scaling_analysis.fit_window(losses, 3) == (0, 3)
+  assert scaling_analysis.fit_window([5, 4, 3, 2, 1], 3) == (2, 5)  # clamped at the end
+  assert scaling_analysis.fit_window([5, 4, 3, 2, 1], 4) == (1, 5)
   with pytest.raises(ValueError, match="at least 3"):
-    scaling.fit_window(losses, 2)
+    scaling_analysis.fit_window(losses, 2)
   runs = [{"method": "m", "size": f"s{i}", "num_params": float(np.exp(x)), "budget": 1e12, "loss": y}
           for i, (x, y) in enumerate(zip(log_n, losses))]
-  every = scaling.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]
-  local = scaling.analyze(runs, reference="m", window=3)["methods"]["m"]["budgets"][0]
+  every = scaling_analysis.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]
+  local = scaling_analysis.analyze(runs, reference="m", window=3)["methods"]["m"]["budgets"][0]
   assert local["fit_sizes"] == ["s0", "s1", "s2"] and every["fit_sizes"] == [f"s{i}" for i in range(6)]
   assert local["isoflop_fit"]["valid"]
   expected = scaling.isoflop_fit(log_n[:3], losses[:3])
@@ -271,12 +273,12 @@ def test_isoflop_fit_window_stays_local():
 def test_a_budget_flat_within_noise_gives_no_optimum():
   runs = [{"method": "m", "size": f"s{i}", "num_params": n, "budget": 1e12, "loss": y, "stderr": 0.03}
           for i, (n, y) in enumerate(((1e4, 4.73), (3e4, 4.72), (1e5, 4.75)))]
-  fit = scaling.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]
+  fit = scaling_analysis.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]
   assert not fit["valid"] and fit["reason"].startswith("flat within noise") and fit["a"] > 0
-  assert scaling.analyze(runs, reference="m", min_z=0)["methods"]["m"]["budgets"][0]["isoflop_fit"]["valid"]
+  assert scaling_analysis.analyze(runs, reference="m", min_z=0)["methods"]["m"]["budgets"][0]["isoflop_fit"]["valid"]
   sharp = [dict(r, stderr=0.003) for r in runs]  # the same losses measured ten times more precisely
-  assert scaling.analyze(sharp, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]["valid"]
-  assert scaling.flat_within_noise([3.0, 2.0, 3.1], [float("nan")] * 3, 2.0) == ""  # no stderr: no check
+  assert scaling_analysis.analyze(sharp, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]["valid"]
+  assert scaling_analysis.flat_within_noise([3.0, 2.0, 3.1], [float("nan")] * 3, 2.0) == ""  # no stderr: no check
 
 
 def test_an_optimum_at_the_edge_of_the_sampled_sizes_is_not_bracketed():
@@ -284,11 +286,11 @@ def test_an_optimum_at_the_edge_of_the_sampled_sizes_is_not_bracketed():
   # nothing was sampled on the vertex's left.
   runs = [{"method": "m", "size": s, "num_params": n, "budget": 1e12, "loss": y, "stderr": 0.01}
           for s, n, y in (("a", 5e4, 3.385), ("b", 1.5e5, 3.544), ("c", 4.5e5, 4.564))]
-  fit = scaling.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]
+  fit = scaling_analysis.analyze(runs, reference="m")["methods"]["m"]["budgets"][0]["isoflop_fit"]
   assert 5e4 < fit["n_opt"] < 4.5e5 and not fit["valid"]
   assert fit["reason"] == "not bracketed: the best run (a) is the smallest size fitted; add smaller models"
-  assert "largest" in scaling.unbracketed([3.0, 2.9, 2.8], ["a", "b", "c"])
-  assert scaling.unbracketed([3.0, 2.8, 2.9], ["a", "b", "c"]) == ""
+  assert "largest" in scaling_analysis.unbracketed([3.0, 2.9, 2.8], ["a", "b", "c"])
+  assert scaling_analysis.unbracketed([3.0, 2.8, 2.9], ["a", "b", "c"]) == ""
 
 
 def test_grid_table_marks_the_best_run_and_the_sizes_left_out_of_the_fit():
@@ -297,7 +299,7 @@ def test_grid_table_marks_the_best_run_and_the_sizes_left_out_of_the_fit():
   runs = [{"method": m, "size": size, "num_params": n, "budget": 1e12, "loss": losses[size] + d, "stderr": 0.01}
           for m, d in (("ar", 0.0), ("mdlm", 0.5)) for n, size in ((1e4, "XS"), (3e4, "S"), (1e5, "M"), (3e5, "L"))]
   runs = [r for r in runs if not (r["method"] == "mdlm" and r["size"] == "L")]
-  table = analyze.grid_table(runs, scaling.analyze(runs, reference="ar", window=3))
+  table = analyze.grid_table(runs, scaling_analysis.analyze(runs, reference="ar", window=3))
   rows = [line.split(" | ") for line in table.splitlines()[2:]]
   assert [r[1] for r in rows] == ["XS", "S", "M", "L"]
   assert rows[1][3] == "**3.000 ± 0.010**" and rows[1][4] == "**3.500 ± 0.010** |"
@@ -423,7 +425,7 @@ def test_paired_comparison_uses_per_sequence_differences(tmp_path):
 def test_best_run_gaps_invert_the_reference_law():
   ref_law = {"A": 10.0, "alpha": -0.1, "E": 0.0}
   info = {"budgets": [{"budget": 1e12, "sizes": ["a", "b"], "losses": [3.0, 2.5]}]}
-  (row,) = scaling.best_run_gaps(info, ref_law, [2.0, 3.0])
+  (row,) = scaling_analysis.best_run_gaps(info, ref_law, [2.0, 3.0])
   c_ref = (2.5 / 10.0) ** (1 / -0.1)
   assert row["size"] == "b" and row["reference_flops"] == pytest.approx(c_ref)
   assert row["gap"] == pytest.approx(1e12 / c_ref) and not row["extrapolated"]

@@ -23,11 +23,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
-from replaid_jax import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
+from replaid_jax import scaling_analysis  # pylint: disable=g-import-not-at-top,wrong-import-position
+from replaid_jax import scaling_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def collect(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
-  """The finished runs of a sweep in `scaling.analyze`'s format, and the names of the missing ones."""
+  """The finished runs of a sweep in `scaling_analysis.analyze`'s format, and the names of the missing ones."""
   with open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8") as f:
     sweep = json.load(f)
   runs, missing = [], []
@@ -47,10 +48,11 @@ def collect(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
 
 def runs_table(runs: list[dict[str, Any]]) -> str:
   """Every finished run: loss ± standard error by method, budget and size."""
-  lines = ["| method | budget (FLOPs) | size | N (non-embedding) | steps | loss (nats/token) |", "|---|---|---|---|---|---|"]
+  lines = ["| method | budget (FLOPs) | size | N (non-embedding) | steps | loss (nats/token) |",
+           "|---|---|---|---|---|---|"]
   for r in sorted(runs, key=lambda r: (r["method"], r["budget"], r["num_params"])):
-    lines.append(f"| {r['method']} | {r['budget']:.3g} | {r['size']} | {r['num_params']:,} | {r.get('num_steps') or '–'} "
-                 f"| {r['loss']:.4f} ± {r['stderr']:.4f} |")
+    lines.append(f"| {r['method']} | {r['budget']:.3g} | {r['size']} | {r['num_params']:,} | "
+                 f"{r.get('num_steps') or '–'} | {r['loss']:.4f} ± {r['stderr']:.4f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -58,19 +60,19 @@ def grid_table(runs: list[dict[str, Any]], result: dict[str, Any] | None = None)
   """Loss ± SE with budgets and sizes as rows and methods as columns; each budget's best run per method in bold,
   and runs outside that budget's isoFLOP fit window in parentheses."""
   methods = sorted({r["method"] for r in runs})
-  cell = {(r["method"], scaling.budget_key(r["budget"]), r["size"]): r for r in runs}
+  cell = {(r["method"], scaling_analysis.budget_key(r["budget"]), r["size"]): r for r in runs}
   fitted = {}
   for m, info in ((result or {}).get("methods") or {}).items():
     for e in info["budgets"]:
-      fitted[(m, scaling.budget_key(e["budget"]))] = set(e.get("fit_sizes", e["sizes"]))
+      fitted[(m, scaling_analysis.budget_key(e["budget"]))] = set(e.get("fit_sizes", e["sizes"]))
   best = {}
   for r in runs:
-    k = (r["method"], scaling.budget_key(r["budget"]))
+    k = (r["method"], scaling_analysis.budget_key(r["budget"]))
     if k not in best or r["loss"] < best[k]["loss"]:
       best[k] = r
   sizes = sorted({(r["num_params"], r["size"]) for r in runs})
   lines = ["| budget (FLOPs) | size | N | " + " | ".join(methods) + " |", "|---" * (3 + len(methods)) + "|"]
-  for budget in sorted({scaling.budget_key(r["budget"]) for r in runs}):
+  for budget in sorted({scaling_analysis.budget_key(r["budget"]) for r in runs}):
     first = True
     for n, size in sizes:
       row = [cell.get((m, budget, size)) for m in methods]
@@ -97,16 +99,16 @@ def analyze_sweep(sweep_dir: str, reference: str = "ar", out_dir: str | None = N
   """Fits the laws of a sweep and writes analysis.json, tables.md and the plots to out_dir."""
   out_dir = out_dir or os.path.join(sweep_dir, "analysis")
   runs, missing = collect(sweep_dir)
-  result = scaling.analyze(runs, reference=reference, window=window, min_z=min_z)
+  result = scaling_analysis.analyze(runs, reference=reference, window=window, min_z=min_z)
   result["missing_runs"] = missing
   if missing:
     result["notes"].append(f"{len(missing)} run(s) without eval/final.json left out: {', '.join(missing)}")
   os.makedirs(out_dir, exist_ok=True)
-  result["plots"] = scaling.plot(result, runs, out_dir)
+  result["plots"] = scaling_report.plot(result, runs, out_dir)
   with open(os.path.join(out_dir, "analysis.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(out_dir, "tables.md"), "w", encoding="utf-8") as f:
-    f.write(scaling.markdown_tables(result))
+    f.write(scaling_report.markdown_tables(result))
   with open(os.path.join(out_dir, "runs.md"), "w", encoding="utf-8") as f:
     f.write(runs_table(runs) + "\n" + grid_table(runs, result))
   return result
@@ -129,7 +131,7 @@ def main(argv):
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   out_dir = FLAGS.out or os.path.join(FLAGS.sweep, "analysis")
   result = analyze_sweep(FLAGS.sweep, FLAGS.reference, out_dir, FLAGS.window, FLAGS.min_z)
-  print(scaling.markdown_tables(result))
+  print(scaling_report.markdown_tables(result))
   print(f"wrote {', '.join(['analysis.json', 'tables.md'] + [os.path.basename(p) for p in result['plots']])} "
         f"to {out_dir}")
 
