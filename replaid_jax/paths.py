@@ -7,6 +7,7 @@ a URI is never mistaken for a local relative path (os.path.abspath("gs://b/r")
 would be ./gs:/b/r).
 """
 
+import io
 import os
 import tempfile
 
@@ -66,6 +67,15 @@ def write_bytes_atomic(p: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(p: str | os.PathLike, text: str) -> None:
   """`write_bytes_atomic` of UTF-8 text."""
   write_bytes_atomic(p, text.encode("utf-8"))
+
+
+def save_figure(fig, p: str | os.PathLike, **savefig_kwargs) -> str:
+  """A matplotlib figure as a PNG at a local path or a URI, its folder made and the file written atomically."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **savefig_kwargs)
+  makedirs(os.path.dirname(os.fspath(p)) or ".")
+  write_bytes_atomic(p, buf.getvalue())
+  return os.fspath(p)
 
 
 def open_file(p: str | os.PathLike, mode: str = "r"):

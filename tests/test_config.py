@@ -118,6 +118,60 @@ def test_no_import_runs_back_up_the_floors_and_no_private_jax():
     assert not {n for n in _imports(path) if n.startswith("jax._src")}, path
 
 
+# The library's floors, lowest first: a module may import its own package and strictly lower floors only, so
+# every arrow points down and there is no cycle between packages. Imports under `if TYPE_CHECKING:` are
+# annotations, not dependencies, and are not counted.
+FLOORS = {
+    "errors": 0, "paths": 0, "logs": 0, "progress": 0, "base_config": 0, "flops": 0,
+    "metrics": 1, "workdir_lock": 1, "distributed": 1, "checkpoint": 1, "cli": 1, "chips": 1, "scaling": 1,
+    "models": 2, "data": 2, "scaling_analysis": 2,
+    "diffusion": 3, "sharding": 3, "scaling_report": 3,
+    "objectives": 4,
+    "config_lib": 5,
+    "inference": 6,
+    "eval": 7,
+    "judges": 8,
+    "sample": 9, "train": 9,
+    "research": 10, "benchmark": 10,
+    "cost_estimate": 11,
+}
+
+
+def _runtime_imports(path) -> set[str]:
+  """The replaid_jax modules `path` imports at run time (module level or inside functions)."""
+  tree = ast.parse(path.read_text())
+  typing_only = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+      typing_only.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+  names = set()
+  for node in ast.walk(tree):
+    if id(node) in typing_only:
+      continue
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+  return {n for n in names if n.startswith("replaid_jax.")}
+
+
+def test_every_import_runs_down_the_floors():
+  lib = ROOT / "replaid_jax"
+  unit = lambda rel: rel.parts[0].removesuffix(".py")
+  units = {unit(p.relative_to(lib)) for p in lib.rglob("*.py")} - {"__init__"}
+  assert units <= set(FLOORS), f"give these a floor in FLOORS: {sorted(units - set(FLOORS))}"
+  upward = []
+  for path in sorted(lib.rglob("*.py")):
+    here = unit(path.relative_to(lib))
+    if here == "__init__":
+      continue
+    for name in _runtime_imports(path):
+      there = name.split(".")[1]
+      if there in FLOORS and there != here and FLOORS[there] >= FLOORS[here]:
+        upward.append(f"{path.relative_to(ROOT)} imports {name} (floor {FLOORS[there]} from floor {FLOORS[here]})")
+  assert not upward, "\n".join(upward)
+
+
 def test_objective_specific_behaviour_lives_in_objectives():
   """Code outside replaid_jax/objectives asks the objective what it is instead of comparing its name."""
   for path in sorted((ROOT / "replaid_jax").rglob("*.py")):

@@ -11,12 +11,12 @@ fit of CE(t) and the coefficient of variation of l(t).
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from replaid_jax import paths
 from replaid_jax.diffusion import elbo
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
@@ -131,7 +131,6 @@ def save_plot(curves: dict, summary: dict, path: str, title: str) -> str:
   axes[0].set_title(f"CV of l(t) = {summary['diffusion_cv']:.2f}", fontsize=9)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  paths.save_figure(fig, path)
   plt.close(fig)
   return path

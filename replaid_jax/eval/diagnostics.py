@@ -16,7 +16,6 @@ are where it uses context. Also: the separation of the embedding rows.
 
 import functools
 import math
-import os
 from typing import Any
 
 import jax
@@ -125,7 +124,5 @@ def plot_gain_by_level(curves: dict[str, dict], path: str, title: str = "") -> N
   ax.set_title(title or "where along the noise level the denoiser beats the context-free one", fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  from replaid_jax.train import plots  # pylint: disable=g-import-not-at-top
-  paths.makedirs(os.path.dirname(path) or ".")
-  plots.save_figure(fig, path)
+  paths.save_figure(fig, path)
   plt.close(fig)

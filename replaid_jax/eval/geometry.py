@@ -5,11 +5,11 @@ the variance) and neighbourhoods that group tokens by syntactic role.
 """
 
 import math
-import os
 
 import jax
 import numpy as np
 
+from replaid_jax import paths
 from replaid_jax.models import embedding
 
 
@@ -101,7 +101,6 @@ def save_scree(result: dict, path: str, title: str) -> str:
   ax.legend(fontsize=8, loc="center right")
   ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  paths.save_figure(fig, path)
   plt.close(fig)
   return path

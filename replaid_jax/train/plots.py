@@ -1,20 +1,9 @@
 """Plots a person would rather look at than read: the learned noise schedule, the loss, the bound against time."""
 
-import os
-
 import numpy as np
 
 from replaid_jax import paths
 from replaid_jax.diffusion import sampler
-
-
-def save_figure(fig, path: str) -> None:
-  """savefig to a local path or a bucket URI."""
-  if paths.is_uri(path):
-    with paths.open_file(path, "wb") as f:
-      fig.savefig(f, format="png")
-  else:
-    fig.savefig(path)
 
 
 def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_points: int = 200) -> str:
@@ -28,7 +17,6 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
 
   gammas = sampler.gamma_grid(params, num_points, schedule)
   t = np.linspace(0.0, 1.0, num_points + 1)
-  paths.makedirs(os.path.dirname(path))
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
   ax.plot(t, gammas, label=f"gamma(t): gamma_0 = {gammas[0]:.2f}, gamma_1 = {gammas[-1]:.2f}")
   ax.set_xlabel("t")
@@ -39,7 +27,7 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
   ax.legend(fontsize=8, loc="upper left")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  save_figure(fig, path)
+  paths.save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -62,7 +50,6 @@ def save_loss_curve(rows: list[dict], path: str) -> str:
 
   train = [r for r in rows if "train/loss" in r]
   val = [r for r in rows if "val/nats_per_token" in r]
-  paths.makedirs(os.path.dirname(path) or ".")
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   if train:
     ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=1, label="training loss (batch)")
@@ -77,7 +64,7 @@ def save_loss_curve(rows: list[dict], path: str) -> str:
   if train or val:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  save_figure(fig, path)
+  paths.save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -93,7 +80,6 @@ def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  paths.makedirs(os.path.dirname(path) or ".")
   fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
   for name, rows in runs.items():
     if not rows:
@@ -131,6 +117,6 @@ def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
   fig.tight_layout()
-  save_figure(fig, path)
+  paths.save_figure(fig, path)
   plt.close(fig)
   return path
