@@ -246,7 +246,7 @@ def sequence_bound(
   u_B = jax.random.uniform(k_u, (batch,), jnp.float32)
 
   def one_time(total, k):
-    t_B = (k + u_B) / num_times
+    t_B = time_sampling.lattice(k, u_B, num_times)
     return total + terms_at(t_B, False, jax.random.fold_in(k_noise, k)).diffusion, None
 
   diff_sum, _ = jax.lax.scan(one_time, jnp.zeros((batch,), jnp.float32), jnp.arange(num_times))

@@ -24,9 +24,18 @@ class Plan:
     return Plan(take(self.t), take(self.is_recon), take(self.is_sc), self.sc_offset, self.sc_period)
 
 
+def lattice(k: jax.Array | int, u: jax.Array, n: int) -> jax.Array:
+  """t = (k + u) / n: the point at offset u in [0, 1) of cell k of the n equal cells of [0, 1).
+
+  The one lattice of the project: training draws one u for cells 0..n-1 over the batch
+  (`low_discrepancy`); the evaluators draw one u per sequence and visit the cells k in turn.
+  """
+  return (k + u) / n
+
+
 def low_discrepancy(u: jax.Array, n: int) -> jax.Array:
   """t_i = (i + u) / n, i = 0..n-1: one point in each of n equal cells of [0, 1)."""
-  return (jnp.arange(n, dtype=jnp.float32) + u) / n
+  return lattice(jnp.arange(n, dtype=jnp.float32), u, n)
 
 
 def selfcond_period(fraction: float) -> int:

@@ -54,7 +54,7 @@ class DiscreteDiffusion(base.Objective):
     u_B = jax.random.uniform(k_u, (batch,), jnp.float32)
 
     def one_time(total, k):
-      t_B = self.time_of((k + u_B) / num_times)
+      t_B = self.time_of(time_sampling.lattice(k, u_B, num_times))
       return total + self.draw_terms(params, tokens_BL, t_B, jax.random.fold_in(k_draw, k)), None
 
     total, _ = jax.lax.scan(one_time, jnp.zeros((batch,), jnp.float32), jnp.arange(num_times))
