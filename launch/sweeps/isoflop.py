@@ -194,6 +194,30 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
   Returns:
     The runs written to sweep.json (with `append`, the old ones first).
   """
+  module, specs, sizes = _checked_inputs(config_path, methods, sizes)
+  extra_overrides = [parse_override(e) for e in extra]
+  out = os.path.abspath(out)
+  config_arg = _config_arg(config_path)
+  runs = []
+  for spec in specs:
+    for budget in sorted({float(b) for b in budgets}):
+      for size in sizes:
+        cd = _run_config(module, size, spec["objective"], spec["overrides"] + extra_overrides, vocab_size)
+        runs.append(_plan_run(cd, spec, budget, size, extra_overrides, strict, out, config_arg))
+  if append:
+    runs = merge_runs(read_sweep(out), runs)
+  _write_sweep(out, runs)
+  return runs
+
+
+def _checked_inputs(config_path: str, methods: Sequence[str],
+                    sizes: Sequence[str]) -> tuple[Any, list[dict[str, Any]], list[str]]:
+  """The config module, the parsed methods and the distinct sizes, each checked.
+
+  Raises:
+    ValueError: on repeated method names, sizes missing from SIZES, or size
+      labels that cannot name a run directory.
+  """
   module = load_config_module(config_path)
   specs = [parse_method(m) for m in methods]
   names = [s["name"] for s in specs]
@@ -205,48 +229,61 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
     raise ValueError(f"sizes {unknown} are not in SIZES of {config_path} ({sorted(module.SIZES)}).")
   if not all(_NAME.match(s) for s in sizes):
     raise ValueError(f"size labels must match {_NAME.pattern} (they name run directories), got {sizes}.")
-  extra_overrides = [parse_override(e) for e in extra]
-  out = os.path.abspath(out)
-  config_arg = _config_arg(config_path)
-  runs = []
-  for spec in specs:
-    for budget in sorted({float(b) for b in budgets}):
-      for size in sizes:
-        cd = module.get_config(size)
-        cd.objective = spec["objective"]
-        for key, text in spec["overrides"] + extra_overrides:
-          apply_override(cd, key, text)
-        cd.model.vocab_size = int(vocab_size) if vocab_size else config_dict_vocab_size(cd)
-        notes = [_validate(cd, strict)]
-        fwd = config_dict_forward_flops(cd)
-        batch = int(cd.train.batch_size)
-        steps = flops.steps_for_budget(budget, fwd, batch)
-        n = scaling.non_embedding_params(cd.model.width, cd.model.num_layers, cd.model.mlp_ratio, cd.model.cond_dim)
-        if steps <= cd.optim.warmup_steps:
-          notes.append(f"{steps} steps do not exceed optim.warmup_steps={cd.optim.warmup_steps}")
-        if cd.train.max_minutes:
-          notes.append(f"train.max_minutes={cd.train.max_minutes} may end the run before it spends its budget")
-        if cd.train.size_to_minutes:
-          notes.append(f"train.size_to_minutes={cd.train.size_to_minutes} may take fewer steps than the FLOP "
-                       "budget's")
-        name = f"{spec['name']}-C{_budget_label(budget)}-{size}"
-        workdir = os.path.join(out, "runs", name)
-        command = ["python", "launch/train.py", f"--config={config_arg}:{size}", f"--workdir={workdir}",
-                   f"--config.objective={spec['objective']}"]
-        command += [f"--config.{k}={v}" for k, v in spec["overrides"] + extra_overrides]
-        command.append(f"--config.train.num_steps={steps}")
-        tokens = steps * batch * int(cd.data.seq_len)
-        runs.append({
-            "name": name, "method": spec["name"], "objective": spec["objective"], "size": size, "budget": budget,
-            "num_steps": steps, "batch_size": batch, "seq_len": int(cd.data.seq_len),
-            "vocab_size": int(cd.model.vocab_size), "width": int(cd.model.width),
-            "num_layers": int(cd.model.num_layers), "num_heads": int(cd.model.num_heads),
-            "fwd_flops_per_seq": fwd, "train_flops": 3.0 * fwd * batch * steps, "tokens": tokens,
-            "non_embedding_params": n, "tokens_per_param": tokens / n, "workdir": workdir, "command": command,
-            "note": "; ".join(x for x in notes if x),
-        })
-  if append:
-    runs = merge_runs(read_sweep(out), runs)
+  return module, specs, sizes
+
+
+def _run_config(module, size: str, objective: str, overrides: Sequence[tuple[str, str]], vocab_size: int | None):
+  """The ConfigDict of one run: SIZES[size] with the objective, the overrides and the counted vocabulary."""
+  cd = module.get_config(size)
+  cd.objective = objective
+  for key, text in overrides:
+    apply_override(cd, key, text)
+  cd.model.vocab_size = int(vocab_size) if vocab_size else config_dict_vocab_size(cd)
+  return cd
+
+
+def _plan_run(cd, spec: dict[str, Any], budget: float, size: str, extra_overrides: Sequence[tuple[str, str]],
+              strict: bool, out: str, config_arg: str) -> dict[str, Any]:
+  """One run of the sweep as sweep.json lists it: its steps for `budget`, its sizes, command and notes."""
+  notes = [_validate(cd, strict)]
+  fwd = config_dict_forward_flops(cd)
+  batch = int(cd.train.batch_size)
+  steps = flops.steps_for_budget(budget, fwd, batch)
+  n = scaling.non_embedding_params(cd.model.width, cd.model.num_layers, cd.model.mlp_ratio, cd.model.cond_dim)
+  notes += _budget_notes(cd, steps)
+  name = f"{spec['name']}-C{_budget_label(budget)}-{size}"
+  workdir = os.path.join(out, "runs", name)
+  command = ["python", "launch/train.py", f"--config={config_arg}:{size}", f"--workdir={workdir}",
+             f"--config.objective={spec['objective']}"]
+  command += [f"--config.{k}={v}" for k, v in spec["overrides"] + extra_overrides]
+  command.append(f"--config.train.num_steps={steps}")
+  tokens = steps * batch * int(cd.data.seq_len)
+  return {
+      "name": name, "method": spec["name"], "objective": spec["objective"], "size": size, "budget": budget,
+      "num_steps": steps, "batch_size": batch, "seq_len": int(cd.data.seq_len),
+      "vocab_size": int(cd.model.vocab_size), "width": int(cd.model.width),
+      "num_layers": int(cd.model.num_layers), "num_heads": int(cd.model.num_heads),
+      "fwd_flops_per_seq": fwd, "train_flops": 3.0 * fwd * batch * steps, "tokens": tokens,
+      "non_embedding_params": n, "tokens_per_param": tokens / n, "workdir": workdir, "command": command,
+      "note": "; ".join(x for x in notes if x),
+  }
+
+
+def _budget_notes(cd, steps: int) -> list[str]:
+  """Notes on settings that keep a run of `steps` steps from spending its budget as planned."""
+  notes = []
+  if steps <= cd.optim.warmup_steps:
+    notes.append(f"{steps} steps do not exceed optim.warmup_steps={cd.optim.warmup_steps}")
+  if cd.train.max_minutes:
+    notes.append(f"train.max_minutes={cd.train.max_minutes} may end the run before it spends its budget")
+  if cd.train.size_to_minutes:
+    notes.append(f"train.size_to_minutes={cd.train.size_to_minutes} may take fewer steps than the FLOP "
+                 "budget's")
+  return notes
+
+
+def _write_sweep(out: str, runs: Sequence[dict[str, Any]]) -> None:
+  """Writes out/sweep.json and the executable out/commands.sh (one command per run)."""
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "sweep.json"), "w", encoding="utf-8") as f:
     json.dump(runs, f, indent=1)
@@ -257,7 +294,6 @@ def generate(config_path: str, methods: Sequence[str], budgets: Iterable[float],
     for run in runs:
       f.write(shlex.join(run["command"]) + "\n")
   os.chmod(os.path.join(out, "commands.sh"), 0o755)
-  return runs
 
 
 def read_sweep(out: str) -> list[dict[str, Any]]:
