@@ -68,6 +68,21 @@ class _Status:
     os.replace(tmp, self.path)
 
 
+class _Progress:
+  """The runs of a sweep that ended so far and their training FLOPs, for the ETA of the rest."""
+
+  def __init__(self, pending: Sequence[dict[str, Any]]):
+    self.total = len(pending)
+    self.flops_total = sum(r.get("train_flops", 1.0) for r in pending) or 1.0
+    self.flops_done = 0.0
+    self.finished = self.failed = 0
+    self.t0 = time.time()
+
+
+# A started run: its process, its entry in sweep.json, its start time and its open log file.
+_Active = tuple[subprocess.Popen, dict[str, Any], float, Any]
+
+
 def run_sweep(sweep_dir: str, parallel: int = 1, only: str = "", poll_s: float = 1.0) -> dict[str, dict[str, Any]]:
   """Runs the pending runs of sweep_dir/sweep.json (names containing `only`) and returns their status."""
   with open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8") as f:
@@ -75,6 +90,16 @@ def run_sweep(sweep_dir: str, parallel: int = 1, only: str = "", poll_s: float =
   log_dir = os.path.join(sweep_dir, "logs")
   os.makedirs(log_dir, exist_ok=True)
   status = _Status(os.path.join(sweep_dir, "status.json"))
+  pending = _pending(runs, status)
+  total = len(pending)
+  print(f"{len(runs)} runs, {len(runs) - total} already done, {total} to run, {max(parallel, 1)} at a time",
+        flush=True)
+  _run_all(pending, parallel, log_dir, status, poll_s)
+  return {r["name"]: status.entries[r["name"]] for r in runs}
+
+
+def _pending(runs: Sequence[dict[str, Any]], status: _Status) -> list[dict[str, Any]]:
+  """The runs without eval/final.json; those with one are recorded as done."""
   pending = []
   for r in runs:
     if os.path.exists(final_path(r)):
@@ -82,34 +107,25 @@ def run_sweep(sweep_dir: str, parallel: int = 1, only: str = "", poll_s: float =
         status.set(r["name"], status="done", note="final.json exists")
     else:
       pending.append(r)
-  total = len(pending)
-  print(f"{len(runs)} runs, {len(runs) - total} already done, {total} to run, {max(parallel, 1)} at a time",
-        flush=True)
+  return pending
+
+
+def _run_all(pending: Sequence[dict[str, Any]], parallel: int, log_dir: str, status: _Status, poll_s: float) -> None:
+  """Runs `pending` in order, `parallel` at a time, until every one has ended.
+
+  On KeyboardInterrupt the running ones are terminated, recorded as
+  interrupted, and the interrupt is raised again.
+  """
   slots = core_sets(parallel)
   free = list(range(max(parallel, 1)))
-  active: dict[int, tuple[subprocess.Popen, dict[str, Any], float, Any]] = {}
-  flops_total = sum(r.get("train_flops", 1.0) for r in pending) or 1.0
-  flops_done = 0.0
-  finished = failed = 0
-  t0 = time.time()
+  active: dict[int, _Active] = {}
+  progress = _Progress(pending)
   queue = list(pending)
   try:
     while queue or active:
       while queue and free:
         r, slot = queue.pop(0), free.pop(0)
-        log = open(os.path.join(log_dir, r["name"] + ".log"), "a", encoding="utf-8")
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(r['command'])}\n")
-        log.flush()
-        env = dict(os.environ)
-        preexec = None
-        if slots is not None:
-          cores = slots[slot]
-          env.setdefault("OMP_NUM_THREADS", str(len(cores)))
-          preexec = lambda cores=cores: os.sched_setaffinity(0, cores)  # pylint: disable=unnecessary-lambda-assignment
-        proc = subprocess.Popen(_argv(r["command"]), cwd=_REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=preexec)
-        active[slot] = (proc, r, time.time(), log)
-        status.set(r["name"], status="running", pid=proc.pid, log=log.name)
+        active[slot] = _start(r, None if slots is None else slots[slot], log_dir, status)
       time.sleep(poll_s)
       for slot, (proc, r, start, log) in list(active.items()):
         rc = proc.poll()
@@ -118,19 +134,7 @@ def run_sweep(sweep_dir: str, parallel: int = 1, only: str = "", poll_s: float =
         log.close()
         del active[slot]
         free.append(slot)
-        seconds = time.time() - start
-        ok = rc == 0 and os.path.exists(final_path(r))
-        outcome = "done" if ok else "failed"
-        note = "" if ok else (f"exit status {rc}" if rc else "exited without writing eval/final.json")
-        status.set(r["name"], status=outcome, returncode=rc, seconds=round(seconds, 1), log=log.name, note=note)
-        finished += 1
-        failed += not ok
-        flops_done += r.get("train_flops", 1.0)
-        elapsed = time.time() - t0
-        eta = elapsed * (flops_total - flops_done) / flops_done if flops_done else 0.0
-        print(f"[{finished}/{total}] {r['name']}: {outcome}{' (' + note + ')' if note else ''} in "
-              f"{_duration(seconds)}; elapsed {_duration(elapsed)}, ETA {_duration(eta)}"
-              f"{f', {failed} failed' if failed else ''}", flush=True)
+        _record_end(r, rc, start, log.name, status, progress)
   except KeyboardInterrupt:
     for proc, r, _, log in active.values():
       proc.terminate()
@@ -138,7 +142,40 @@ def run_sweep(sweep_dir: str, parallel: int = 1, only: str = "", poll_s: float =
       log.close()
       status.set(r["name"], status="interrupted", log=log.name)
     raise
-  return {r["name"]: status.entries[r["name"]] for r in runs}
+
+
+def _start(r: dict[str, Any], cores: set[int] | None, log_dir: str, status: _Status) -> _Active:
+  """Starts run `r` from the repository root, its output appended to log_dir/NAME.log, pinned to `cores` if set."""
+  log = open(os.path.join(log_dir, r["name"] + ".log"), "a", encoding="utf-8")
+  log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(r['command'])}\n")
+  log.flush()
+  env = dict(os.environ)
+  preexec = None
+  if cores is not None:
+    env.setdefault("OMP_NUM_THREADS", str(len(cores)))
+    preexec = lambda cores=cores: os.sched_setaffinity(0, cores)  # pylint: disable=unnecessary-lambda-assignment
+  proc = subprocess.Popen(_argv(r["command"]), cwd=_REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                          preexec_fn=preexec)
+  started = (proc, r, time.time(), log)
+  status.set(r["name"], status="running", pid=proc.pid, log=log.name)
+  return started
+
+
+def _record_end(r: dict[str, Any], rc: int, start: float, log_name: str, status: _Status, progress: _Progress) -> None:
+  """Records how run `r` ended (exit status `rc`) in the status file and prints a line with the sweep's ETA."""
+  seconds = time.time() - start
+  ok = rc == 0 and os.path.exists(final_path(r))
+  outcome = "done" if ok else "failed"
+  note = "" if ok else (f"exit status {rc}" if rc else "exited without writing eval/final.json")
+  status.set(r["name"], status=outcome, returncode=rc, seconds=round(seconds, 1), log=log_name, note=note)
+  progress.finished += 1
+  progress.failed += not ok
+  progress.flops_done += r.get("train_flops", 1.0)
+  elapsed = time.time() - progress.t0
+  eta = elapsed * (progress.flops_total - progress.flops_done) / progress.flops_done if progress.flops_done else 0.0
+  print(f"[{progress.finished}/{progress.total}] {r['name']}: {outcome}{' (' + note + ')' if note else ''} in "
+        f"{_duration(seconds)}; elapsed {_duration(elapsed)}, ETA {_duration(eta)}"
+        f"{f', {progress.failed} failed' if progress.failed else ''}", flush=True)
 
 
 def _define_flags():
