@@ -108,6 +108,10 @@ def parse_words(spec: str, key: str) -> list[Word]:
   return words
 
 
+# A word that is not pinned as targets: its ids, guidance weight, whether to avoid it, and position (-1: anywhere).
+_Span = tuple[list[int], float, bool, int]
+
+
 def _fits(what: str, start: int, n: int, seq_len: int, fix: str) -> None:
   if start + n > seq_len:
     raise errors.DataError(
@@ -117,6 +121,18 @@ def _fits(what: str, start: int, n: int, seq_len: int, fix: str) -> None:
 def build(tok: tokenizer_lib.Tokenizer | None, s: config_lib.SampleConfig, seq_len: int, *,
           max_seq_len: int) -> Layout:
   """Tokenises the prompts and words of `s` for samples of `seq_len` tokens."""
+  prefix, suffix, include, avoid = _read_inputs(tok, s)
+  pre, suf, start = _place_prompts(tok, prefix, suffix, s, seq_len, max_seq_len)
+  tokens, targeted, weights, clamp = _prompt_targets(pre, suf, start, s, seq_len)
+  spans, names = _place_words(tok, include, avoid, s, seq_len, tokens, targeted, weights)
+  return Layout(
+      seq_len=seq_len, tokens=tokens, targeted=targeted, weights=weights, clamp=clamp, **_span_arrays(spans),
+      span_names=names, prefix_len=len(pre), suffix_start=start, suffix_len=len(suf))
+
+
+def _read_inputs(tok: tokenizer_lib.Tokenizer | None,
+                 s: config_lib.SampleConfig) -> tuple[str, str, list[Word], list[Word]]:
+  """The prefix and suffix texts and the words to include and avoid; text needs a tokenizer."""
   prefix = read_prompt(s.prefix, s.prefix_file, "prefix")
   suffix = read_prompt(s.suffix, s.suffix_file, "suffix")
   include, avoid = parse_words(s.constraints, "constraints"), parse_words(s.avoid, "avoid")
@@ -124,6 +140,12 @@ def build(tok: tokenizer_lib.Tokenizer | None, s: config_lib.SampleConfig, seq_l
     raise errors.CheckpointError(
         "this checkpoint has no tokenizer (it was trained on pre-tokenised .npy data without "
         "data.tokenizer_path), so text prompts cannot be tokenised; sample without prompts or constraints.")
+  return prefix, suffix, include, avoid
+
+
+def _place_prompts(tok: tokenizer_lib.Tokenizer | None, prefix: str, suffix: str, s: config_lib.SampleConfig,
+                   seq_len: int, max_seq_len: int) -> tuple[list[int], list[int], int]:
+  """The prefix and suffix token ids and where the suffix starts (-1 without one), checked to fit `seq_len`."""
   longer = f"shorten it, or raise sample.seq_len (up to model.max_seq_len={max_seq_len})."
   pre = tok.encode(prefix) if prefix else []
   suf = tok.encode(suffix) if suffix else []
@@ -142,7 +164,12 @@ def build(tok: tokenizer_lib.Tokenizer | None, s: config_lib.SampleConfig, seq_l
     if s.gap:
       raise errors.ConfigError("sample.gap is set but there is no suffix; set sample.suffix (infilling) or leave "
                                "sample.gap at 0.")
+  return pre, suf, start
 
+
+def _prompt_targets(pre: list[int], suf: list[int], start: int, s: config_lib.SampleConfig,
+                    seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Per-position target tokens, targeted flags, guidance weights and clamp flags of the prefix and suffix."""
   tokens = np.zeros(seq_len, np.int32)
   targeted = np.zeros(seq_len, bool)
   weights = np.zeros(seq_len, np.float32)
@@ -154,7 +181,17 @@ def build(tok: tokenizer_lib.Tokenizer | None, s: config_lib.SampleConfig, seq_l
   clamp = targeted.copy() if s.condition in ("clamp", "both") else np.zeros(seq_len, bool)
   if guided:
     weights[targeted] = s.guidance_weight
+  return tokens, targeted, weights, clamp
 
+
+def _place_words(tok: tokenizer_lib.Tokenizer | None, include: list[Word], avoid: list[Word],
+                 s: config_lib.SampleConfig, seq_len: int, tokens: np.ndarray, targeted: np.ndarray,
+                 weights: np.ndarray) -> tuple[list[_Span], list[str]]:
+  """Adds the included words pinned to a position to `tokens`, `targeted` and `weights` (in place).
+
+  Returns:
+    The other words as spans (ids, weight, avoid, position) and their names.
+  """
   spans, names = [], []
   for kind, words in (("include", include), ("avoid", avoid)):
     for w in words:
@@ -172,19 +209,21 @@ def build(tok: tokenizer_lib.Tokenizer | None, s: config_lib.SampleConfig, seq_l
       else:
         spans.append((ids, s.guidance_weight * w.weight, kind == "avoid", w.position))
         names.append(f"{kind} '{w.text}'" + (f"@{w.position}" if w.position >= 0 else ""))
+  return spans, names
 
+
+def _span_arrays(spans: list[_Span]) -> dict[str, np.ndarray]:
+  """The span fields of a Layout: ids padded to the longest span with their mask, weights, avoid flags, positions."""
   k, width = len(spans), max([len(ids) for ids, *_ in spans], default=1)
   span_tokens = np.zeros((k, width), np.int32)
   span_mask = np.zeros((k, width), bool)
   for i, (ids, *_rest) in enumerate(spans):
     span_tokens[i, :len(ids)], span_mask[i, :len(ids)] = ids, True
-  return Layout(
-      seq_len=seq_len, tokens=tokens, targeted=targeted, weights=weights, clamp=clamp,
+  return dict(
       span_tokens=span_tokens, span_mask=span_mask,
       span_weights=np.asarray([w for _, w, _, _ in spans], np.float32).reshape(k),
       span_avoid=np.asarray([a for _, _, a, _ in spans], bool).reshape(k),
-      span_position=np.asarray([p for *_, p in spans], np.int32).reshape(k),
-      span_names=names, prefix_len=len(pre), suffix_start=start, suffix_len=len(suf))
+      span_position=np.asarray([p for *_, p in spans], np.int32).reshape(k))
 
 
 def span_present(tokens_L: np.ndarray, layout: Layout) -> list[bool]:
