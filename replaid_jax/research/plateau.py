@@ -50,6 +50,35 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   (`eval_seed`): the same draws for every run, so differences between variants
   are paired. Training metrics are averaged over the steps since the last point.
   """
+  c, run = _build_one_device(cd, corpus, eval_steps)
+  steps_fn = _multi_step_fn(run, c)
+  base_key = jax.random.key(c.seed)
+  it = pipeline.train_iterator(corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=0,
+                               process_count=1, num_workers=0)
+  curve = _Curve(run, c, corpus, eval_rows=eval_rows, eval_times=eval_times, eval_seed=eval_seed, on_point=on_point)
+  state = run.state
+  acc, n_acc = {}, 0
+  targets = sorted(set(eval_steps))
+  step = 0
+  while step < targets[-1]:
+    nxt = min(t for t in (*targets, *diagnostics_at) if t > step)  # targets[-1] > step bounds this
+    n = min(nxt - step, chunk)
+    batches = jnp.asarray(np.stack([next(it)["tokens"] for _ in range(n)]), jnp.int32)
+    state, m = steps_fn(state, batches, base_key)
+    _accumulate(acc, jax.device_get(m))
+    n_acc += n
+    step += n
+    if step in targets:
+      curve.add_point(step, state, acc, n_acc)
+      acc, n_acc = {}, 0
+    if step in diagnostics_at and run.objective.learned_embeddings:
+      curve.add_diagnostics(step, state)
+  return curve.result()
+
+
+def _build_one_device(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus,
+                      eval_steps: Sequence[int]) -> tuple[config_lib.Config, Any]:
+  """The validated config of `cd` on a (1, 1, 1) mesh for max(eval_steps) steps, and its run built on one device."""
   from replaid_jax.train import build as build_lib  # late import: train/ imports this package's siblings
 
   cd = ml_collections.ConfigDict(cd.to_dict())
@@ -57,6 +86,11 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   cd.train.num_steps = max(eval_steps)
   c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
   run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  return c, run
+
+
+def _multi_step_fn(run: Any, c: config_lib.Config) -> Callable[..., Any]:
+  """A jitted (state, batches [N, B, L], key) -> (state, metrics [N]) that applies N train steps (donating state)."""
   one_step = functools.partial(step_lib.train_step, tx=run.tx, objective=run.objective,
                                grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay)
 
@@ -65,47 +99,52 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
     # Several optimizer steps per call: on a CPU, tiny models are bound by per-call overhead.
     return jax.lax.scan(lambda s, b: one_step(s, b, key), state, batches)
 
-  base_key = jax.random.key(c.seed)
-  it = pipeline.train_iterator(corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=0,
-                               process_count=1, num_workers=0)
-  bound_fn = bound_lib.make_bound_fn(run.objective, num_times=eval_times)
-  val = corpus.val[:eval_rows]
-  eval_key = jax.random.key(eval_seed)
-  log_unigram = bound_lib.log_unigram(corpus.unigram_counts)
-  unigram = bound_lib.unigram_cross_entropy(corpus.unigram_counts, val)
-  state = run.state
-  points, acc, n_acc = [], {}, 0
-  diagnostics_out = {}
-  t0 = time.time()
-  targets = sorted(set(eval_steps))
-  step = 0
-  while step < targets[-1]:
-    nxt = min(t for t in (*targets, *diagnostics_at) if t > step)  # targets[-1] > step bounds this
-    n = min(nxt - step, chunk)
-    batches = jnp.asarray(np.stack([next(it)["tokens"] for _ in range(n)]), jnp.int32)
-    state, m = steps_fn(state, batches, base_key)
-    m = jax.device_get(m)
-    for k, v in m.items():
-      if np.ndim(v) == 1:
-        acc[k] = acc.get(k, 0.0) + float(np.sum(v))
-    n_acc += n
-    step += n
-    if step in targets:
-      res = bound_lib.evaluate(bound_fn, state.ema_params, val, eval_key, batch_size=min(64, len(val)))
-      train = {k: v / n_acc for k, v in acc.items()}
-      if run.objective.learned_embeddings:
-        train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
-      point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - t0, train)
-      points.append(point)
-      acc, n_acc = {}, 0
-      if on_point:
-        on_point(point)
-    if step in diagnostics_at and run.objective.learned_embeddings:
-      diagnostics_out[step] = diagnostics.denoiser_gain_by_level(
-          jax.device_get(state.ema_params), val[:64], log_unigram, jax.random.key(eval_seed + 1), model_cfg=c.model,
-          schedule=c.diffusion.schedule)
-  return {"unigram": unigram, "points": [dataclasses.asdict(p) for p in points], "diagnostics": diagnostics_out,
-          "seconds": time.time() - t0}
+  return steps_fn
+
+
+def _accumulate(acc: dict[str, float], m: dict[str, Any]) -> None:
+  """Adds the per-step training metrics `m` (one value per step of a chunk) to the sums in `acc`."""
+  for k, v in m.items():
+    if np.ndim(v) == 1:
+      acc[k] = acc.get(k, 0.0) + float(np.sum(v))
+
+
+class _Curve:
+  """The measurements of `train_curve`: its points, its per-noise-level diagnostics and its time since setup."""
+
+  def __init__(self, run: Any, c: config_lib.Config, corpus: pipeline.Corpus, *, eval_rows: int, eval_times: int,
+               eval_seed: int, on_point: Callable[[CurvePoint], None] | None):
+    self.run, self.c, self.eval_seed, self.on_point = run, c, eval_seed, on_point
+    self.bound_fn = bound_lib.make_bound_fn(run.objective, num_times=eval_times)
+    self.val = corpus.val[:eval_rows]
+    self.eval_key = jax.random.key(eval_seed)
+    self.log_unigram = bound_lib.log_unigram(corpus.unigram_counts)
+    self.unigram = bound_lib.unigram_cross_entropy(corpus.unigram_counts, self.val)
+    self.points: list[CurvePoint] = []
+    self.diagnostics: dict[int, Any] = {}
+    self.t0 = time.time()
+
+  def add_point(self, step: int, state: step_lib.TrainState, acc: dict[str, float], n_acc: int) -> None:
+    """Measures the bound of the EMA parameters; the training metrics are the sums in `acc` over `n_acc` steps."""
+    res = bound_lib.evaluate(self.bound_fn, state.ema_params, self.val, self.eval_key,
+                             batch_size=min(64, len(self.val)))
+    train = {k: v / n_acc for k, v in acc.items()}
+    if self.run.objective.learned_embeddings:
+      train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
+    point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - self.t0, train)
+    self.points.append(point)
+    if self.on_point:
+      self.on_point(point)
+
+  def add_diagnostics(self, step: int, state: step_lib.TrainState) -> None:
+    """The denoiser's gain over the context-free one by noise level, on the first 64 validation rows."""
+    self.diagnostics[step] = diagnostics.denoiser_gain_by_level(
+        jax.device_get(state.ema_params), self.val[:64], self.log_unigram, jax.random.key(self.eval_seed + 1),
+        model_cfg=self.c.model, schedule=self.c.diffusion.schedule)
+
+  def result(self) -> dict[str, Any]:
+    return {"unigram": self.unigram, "points": [dataclasses.asdict(p) for p in self.points],
+            "diagnostics": self.diagnostics, "seconds": time.time() - self.t0}
 
 
 def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, gamma: float, steps: int,
