@@ -249,6 +249,27 @@ def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type
   and loaded from there: a copy already in `copy_to` is used first, and a cache
   that cannot be written is only a warning.
   """
+  _check_request(texts, vocab_size, model_type)
+  options = _trainer_options(vocab_size, model_type)
+  name = f"spm_{model_type}_{vocab_size}_{_cache_key(texts, options)}.model"
+  cache_dir = os.path.expanduser(cache_dir)
+  path = os.path.join(cache_dir, name)
+  local = os.path.join(copy_to, name) if copy_to else None
+  if local and os.path.isfile(local):
+    return load_tokenizer(local, what="the run's tokenizer")
+  cached = os.path.isfile(path)
+  proto = None
+  if cached:
+    logging.info("tokenizer: %s from the cache", path)
+  else:
+    proto = _train_into_cache(texts, options, cache_dir, path, local)
+  if not local:
+    return load_tokenizer(path, what="data.cache_dir")
+  return _load_run_copy(path, local, copy_to, cached, proto)
+
+
+def _check_request(texts: Sequence[str], vocab_size: int, model_type: str) -> None:
+  """Raises ConfigError for an unknown model type or too small a vocabulary, DataError for an empty corpus."""
   if model_type not in MODEL_TYPES:
     raise ConfigError(
         f"data.tokenizer_type='{model_type}' is not supported. Use one of"
@@ -262,41 +283,48 @@ def train_or_load_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type
     raise DataError(
         "Cannot train a tokenizer on an empty corpus. Check the training"
         " files, or set data.tokenizer_path to an existing .model file.")
-  options = _trainer_options(vocab_size, model_type)
-  name = f"spm_{model_type}_{vocab_size}_{_cache_key(texts, options)}.model"
-  cache_dir = os.path.expanduser(cache_dir)
-  path = os.path.join(cache_dir, name)
-  local = os.path.join(copy_to, name) if copy_to else None
-  if local and os.path.isfile(local):
-    return load_tokenizer(local, what="the run's tokenizer")
-  cached = os.path.isfile(path)
-  if cached:
-    logging.info("tokenizer: %s from the cache", path)
+
+
+def _cache_access(cache_dir: str, local: str | None) -> tuple[bool, str]:
+  """Whether `cache_dir` (created if missing) is writable, and why not.
+
+  Raises:
+    DataError: if it is not writable and there is no run copy (`local`) to keep the model in.
+  """
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    writable = os.access(cache_dir, os.W_OK)
+  except OSError as e:
+    writable, reason = False, str(e)
   else:
-    try:
-      os.makedirs(cache_dir, exist_ok=True)
-      writable = os.access(cache_dir, os.W_OK)
-    except OSError as e:
-      writable, reason = False, str(e)
-    else:
-      reason = "not writable"
-    if not writable and not local:
-      raise DataError(
-          f"data.cache_dir: cannot create '{cache_dir}' ({reason}). Set"
-          " data.cache_dir to a writable directory.")
-    chunks = _training_chunks(texts)
-    logging.info("training a SentencePiece tokenizer (%s, %d pieces) on %s characters (cached afterwards at %s)",
-                 model_type, vocab_size, f"{sum(len(c) for c in chunks):,}", path if writable else local)
-    t0 = time.monotonic()
-    proto = _train(chunks, options)
-    logging.info("trained the tokenizer in %.1fs", time.monotonic() - t0)
-    if writable:
-      paths.write_bytes_atomic(path, proto)
-    else:
-      logging.warning("data.cache_dir: cannot write to '%s' (%s); the tokenizer is kept in the run only. Set "
-                      "data.cache_dir (or $%s) to a writable directory to reuse it.", cache_dir, reason, CACHE_ENV)
-  if not local:
-    return load_tokenizer(path, what="data.cache_dir")
+    reason = "not writable"
+  if not writable and not local:
+    raise DataError(
+        f"data.cache_dir: cannot create '{cache_dir}' ({reason}). Set"
+        " data.cache_dir to a writable directory.")
+  return writable, reason
+
+
+def _train_into_cache(texts: Sequence[str], options: dict, cache_dir: str, path: str, local: str | None) -> bytes:
+  """Trains the model and writes it to the cache at `path`, or warns when the cache is not writable."""
+  writable, reason = _cache_access(cache_dir, local)
+  chunks = _training_chunks(texts)
+  logging.info("training a SentencePiece tokenizer (%s, %d pieces) on %s characters (cached afterwards at %s)",
+               options["model_type"], options["vocab_size"], f"{sum(len(c) for c in chunks):,}",
+               path if writable else local)
+  t0 = time.monotonic()
+  proto = _train(chunks, options)
+  logging.info("trained the tokenizer in %.1fs", time.monotonic() - t0)
+  if writable:
+    paths.write_bytes_atomic(path, proto)
+  else:
+    logging.warning("data.cache_dir: cannot write to '%s' (%s); the tokenizer is kept in the run only. Set "
+                    "data.cache_dir (or $%s) to a writable directory to reuse it.", cache_dir, reason, CACHE_ENV)
+  return proto
+
+
+def _load_run_copy(path: str, local: str, copy_to: str, cached: bool, proto: bytes | None) -> Tokenizer:
+  """Writes the model to the run's copy `local` (from the cache file when there is one, else `proto`) and loads it."""
   os.makedirs(copy_to, exist_ok=True)
   if cached or os.path.isfile(path):
     with open(path, "rb") as f:
