@@ -94,22 +94,7 @@ def train_step(
   batch = tokens_BL.shape[0]
   k_setup, k_noise = jax.random.split(jax.random.fold_in(base_key, state.step))
   setup = objective.setup(state, batch, k_setup)
-
-  if grad_accum_steps == 1:
-    loss, terms, grads = objective.loss_and_grads(state.params, tokens_BL, setup, k_noise)
-  else:
-    micro = batch // grad_accum_steps
-    tokens_ABL = tokens_BL.reshape(grad_accum_steps, micro, -1)
-
-    def one(carry, i):
-      loss_acc, grads_acc = carry
-      loss_i, terms_i, grads_i = objective.loss_and_grads(
-          state.params, tokens_ABL[i], setup.micro(i, micro), jax.random.fold_in(k_noise, i))
-      return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), terms_i
-
-    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), terms_A = jax.lax.scan(one, zero, jnp.arange(grad_accum_steps))
-    terms = jax.tree.map(lambda x: x.reshape((batch,) + x.shape[2:]), terms_A)
+  loss, terms, grads = _loss_and_grads(state, tokens_BL, setup, k_noise, objective, grad_accum_steps)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -131,3 +116,28 @@ def train_step(
              "nonfinite": (~finite).astype(jnp.int32),
              **{f"grad_norm_{k}": optax.tree_utils.tree_norm(v) for k, v in grads.items()}}
   return new_state, metrics
+
+
+def _loss_and_grads(state: TrainState, tokens_BL: jax.Array, setup: Any, k_noise: jax.Array,
+                    objective: objectives_base.Objective, grad_accum_steps: int) -> tuple[jax.Array, Any, Any]:
+  """The loss, per-example terms and gradients of the global batch, over `grad_accum_steps` micro-batches.
+
+  With accumulation, micro-batch i draws its noise from fold_in(k_noise, i);
+  the losses and gradients are summed and the terms laid out as for one batch.
+  """
+  if grad_accum_steps == 1:
+    return objective.loss_and_grads(state.params, tokens_BL, setup, k_noise)
+  batch = tokens_BL.shape[0]
+  micro = batch // grad_accum_steps
+  tokens_ABL = tokens_BL.reshape(grad_accum_steps, micro, -1)
+
+  def one(carry, i):
+    loss_acc, grads_acc = carry
+    loss_i, terms_i, grads_i = objective.loss_and_grads(
+        state.params, tokens_ABL[i], setup.micro(i, micro), jax.random.fold_in(k_noise, i))
+    return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), terms_i
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+  (loss, grads), terms_A = jax.lax.scan(one, zero, jnp.arange(grad_accum_steps))
+  terms = jax.tree.map(lambda x: x.reshape((batch,) + x.shape[2:]), terms_A)
+  return loss, terms, grads
