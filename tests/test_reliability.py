@@ -112,7 +112,7 @@ class _PoisonedObjective:
 
 def _poison(monkeypatch, bad_step):
   real_make = objectives.make
-  monkeypatch.setattr(loop.objectives, "make", lambda c: _PoisonedObjective(real_make(c), bad_step))
+  monkeypatch.setattr(objectives, "make", lambda c: _PoisonedObjective(real_make(c), bad_step))
 
 
 def test_a_non_finite_step_is_not_applied(npy_dir, monkeypatch):

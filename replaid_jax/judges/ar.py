@@ -16,6 +16,7 @@ from replaid_jax import errors
 from replaid_jax import inference
 from replaid_jax import objectives
 from replaid_jax.eval import run as eval_run
+from replaid_jax.judges import perplexity
 
 
 class ARJudge:
@@ -52,20 +53,13 @@ class ARJudge:
 
   def score(self, texts: list[str]) -> list[tuple[float, int]]:
     """(sum of token NLLs in nats, number of judge tokens) per text."""
-    rows = []
-    for i, text in enumerate(texts):
-      ids = self.tokenizer.encode(text)
-      rows.extend((i, ids[o:o + self.window]) for o in range(0, len(ids), self.window))
-    totals = [[0.0, 0] for _ in texts]
-    for start in range(0, len(rows), self.batch_size):
-      chunk = rows[start:start + self.batch_size]
-      tokens = np.zeros((self.batch_size, self.window), np.int32)
-      mask = np.zeros((self.batch_size, self.window), bool)
-      for r, (_, ids) in enumerate(chunk):
-        tokens[r, :len(ids)] = ids
-        mask[r, :len(ids)] = True
-      nll = np.asarray(self._nll(self.params, tokens, mask), np.float64)
-      for r, (i, ids) in enumerate(chunk):
-        totals[i][0] += float(nll[r])
-        totals[i][1] += len(ids)
-    return [(a, b) for a, b in totals]
+    return perplexity.score_in_windows(texts, encode=self.tokenizer.encode, window=self.window,
+                                       batch_size=self.batch_size, batch_nll=self._batch_nll)
+
+  def _batch_nll(self, windows: list[list[int]]) -> np.ndarray:
+    tokens = np.zeros((self.batch_size, self.window), np.int32)
+    mask = np.zeros((self.batch_size, self.window), bool)
+    for r, ids in enumerate(windows):
+      tokens[r, :len(ids)] = ids
+      mask[r, :len(ids)] = True
+    return np.asarray(self._nll(self.params, tokens, mask))

@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from replaid_jax import errors
+from replaid_jax.judges import perplexity
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _ACTIVATIONS = {
@@ -227,24 +228,16 @@ class GPT2Judge:
     Texts longer than the context are scored in windows of n_positions tokens, each
     window's first token predicted from <|endoftext|> alone.
     """
-    window = self.cfg.n_positions
-    rows = []  # (text index, window tokens)
-    for i, text in enumerate(texts):
-      ids = self.encode(text)
-      rows.extend((i, ids[o:o + window]) for o in range(0, len(ids), window))
-    totals = [[0.0, 0] for _ in texts]
-    for start in range(0, len(rows), self.batch_size):
-      chunk = rows[start:start + self.batch_size]
-      width = min(-(-max(len(ids) for _, ids in chunk) // 64) * 64, window)  # buckets of 64: few compiles
-      inputs = np.full((self.batch_size, width), self.cfg.bos_token_id, np.int32)
-      targets = np.zeros((self.batch_size, width), np.int32)
-      mask = np.zeros((self.batch_size, width), bool)
-      for r, (_, ids) in enumerate(chunk):
-        inputs[r, 1:len(ids)] = ids[:-1]
-        targets[r, :len(ids)] = ids
-        mask[r, :len(ids)] = True
-      nll = np.asarray(self._nll(self.params, inputs, targets, mask), np.float64)
-      for r, (i, ids) in enumerate(chunk):
-        totals[i][0] += float(nll[r])
-        totals[i][1] += len(ids)
-    return [(a, b) for a, b in totals]
+    return perplexity.score_in_windows(texts, encode=self.encode, window=self.cfg.n_positions,
+                                       batch_size=self.batch_size, batch_nll=self._batch_nll)
+
+  def _batch_nll(self, windows: list[list[int]]) -> np.ndarray:
+    width = min(-(-max(len(ids) for ids in windows) // 64) * 64, self.cfg.n_positions)  # buckets of 64: few compiles
+    inputs = np.full((self.batch_size, width), self.cfg.bos_token_id, np.int32)
+    targets = np.zeros((self.batch_size, width), np.int32)
+    mask = np.zeros((self.batch_size, width), bool)
+    for r, ids in enumerate(windows):
+      inputs[r, 1:len(ids)] = ids[:-1]
+      targets[r, :len(ids)] = ids
+      mask[r, :len(ids)] = True
+    return np.asarray(self._nll(self.params, inputs, targets, mask))

@@ -11,7 +11,9 @@ judges with different vocabularies score the same text. A judge is anything with
 
 import math
 import os
-from typing import Protocol
+from typing import Callable, Protocol
+
+import numpy as np
 
 from replaid_jax import errors
 
@@ -24,6 +26,25 @@ class Judge(Protocol):
   def score(self, texts: list[str]) -> list[tuple[float, int]]:
     """(sum of token NLLs in nats, number of judge tokens) per text."""
     ...
+
+
+def score_in_windows(texts: list[str], *, encode: Callable[[str], list[int]], window: int, batch_size: int,
+                     batch_nll: Callable[[list[list[int]]], np.ndarray]) -> list[tuple[float, int]]:
+  """The scoring loop every judge shares: each text's tokens cut into windows of at most `window`, the windows
+  of all texts scored `batch_size` at a time by `batch_nll` (a list of token lists -> the NLL sum of each, in
+  nats; the judge pads them to its batch), and the sums gathered back per text as (NLL sum, token count)."""
+  rows = []  # (text index, window tokens)
+  for i, text in enumerate(texts):
+    ids = encode(text)
+    rows.extend((i, ids[o:o + window]) for o in range(0, len(ids), window))
+  totals = [[0.0, 0] for _ in texts]
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    nll = np.asarray(batch_nll([ids for _, ids in chunk]), np.float64)
+    for r, (i, ids) in enumerate(chunk):
+      totals[i][0] += float(nll[r])
+      totals[i][1] += len(ids)
+  return [(a, b) for a, b in totals]
 
 
 def load(spec: str, *, batch_size: int = 8) -> Judge:
