@@ -30,6 +30,7 @@ import time
 from absl import flags
 
 from replaid_jax import cli
+from replaid_jax import paths
 
 _OUT = flags.DEFINE_string("out", None, "Study directory.", required=True)
 _BASE = flags.DEFINE_string("base", "configs/scaling_mini.py:XXS", "Base config file[:ARG].")
@@ -113,10 +114,7 @@ def _run_one(spec: str, seed: int, out_file: str) -> None:
   else:
     res = plateau.train_curve(cd, corpus, eval_steps=steps, on_point=show, diagnostics_at=diag)
   res.update(variant=name, overrides=overrides, seed=seed, base=_BASE.value)
-  tmp = out_file + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(res, f)
-  os.replace(tmp, out_file)
+  paths.write_text_atomic(out_file, json.dumps(res))
 
 
 def _attention_profiles() -> None:

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from replaid_jax import paths
+
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -62,10 +64,7 @@ class _Status:
 
   def set(self, name: str, **entry) -> None:
     self.entries[name] = entry
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(self.entries, f, indent=1)
-    os.replace(tmp, self.path)
+    paths.write_text_atomic(self.path, json.dumps(self.entries, indent=1))
 
 
 class _Progress:
