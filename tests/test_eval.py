@@ -164,6 +164,19 @@ def test_eval_bound_equals_a_brute_force_elbo_within_its_standard_error(markov_r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rows, batch, limit", [(10, 4, None), (8, 4, None), (3, 4, None), (10, 4, 2)])
+def test_padded_batches_have_one_shape_and_give_every_row_once(rows, batch, limit):
+  tokens = np.arange(rows * 2).reshape(rows, 2)
+  seen = []
+  for b, chunk, valid in bound_lib.padded_batches(tokens, batch, limit):
+    assert chunk.shape == (batch, 2) and 0 < valid <= batch
+    np.testing.assert_array_equal(chunk[valid:], np.repeat(chunk[:1], batch - valid, axis=0))
+    seen.append(chunk[:valid])
+    assert b == len(seen) - 1
+  expected = tokens if limit is None else tokens[:limit * batch]
+  np.testing.assert_array_equal(np.concatenate(seen), expected)
+
+
 def test_standard_error_falls_like_one_over_sqrt_sequences_times_k():
   """SE * sqrt(N K) stays within a factor 2 as N grows 4x and K grows 4x and 16x."""
   params = perturbed_params(jax.random.key(5))

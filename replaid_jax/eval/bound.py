@@ -8,6 +8,7 @@ across sequences gives an honest standard error of the split's mean bound.
 
 import functools
 import math
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,25 +24,33 @@ def make_bound_fn(objective, *, num_times: int, params_sharding=None, batch_shar
   return jax.jit(fn, in_shardings=(params_sharding, batch_sharding, None))
 
 
-def evaluate(bound_fn, params, tokens: np.ndarray, key: jax.Array, *, batch_size: int, max_batches: int = 0,
-             put=None, progress=None) -> dict:
-  """Mean bound (nats/token) over the rows of `tokens` [N, L] with its standard error.
-
-  The last partial batch is padded with copies of its first row whose results
-  are dropped, so every row counts exactly once. `put` places a host batch on
-  the devices (default: jnp.asarray).
-  """
-  put = put or jnp.asarray
-  n = tokens.shape[0]
-  num_batches = math.ceil(n / batch_size)
-  if max_batches:
-    num_batches = min(num_batches, max_batches)
-  rows = {"recon": [], "diffusion": [], "prior": []}
-  for b in range(num_batches):
+def padded_batches(tokens: np.ndarray, batch_size: int, num_batches: int | None = None
+                   ) -> Iterator[tuple[int, np.ndarray, int]]:
+  """(index b, batch [batch_size, L], valid rows) over the rows of `tokens` [N, L], the first `num_batches`
+  batches (default: all). A last partial batch is padded with copies of its first row, so that every batch has
+  one shape (one compile); the caller keeps the first `valid` rows of each result, so every row counts once."""
+  total = math.ceil(tokens.shape[0] / batch_size)
+  for b in range(total if num_batches is None else min(num_batches, total)):
     chunk = tokens[b * batch_size:(b + 1) * batch_size]
     valid = chunk.shape[0]
     if valid < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - valid, axis=0)], axis=0)
+    yield b, chunk, valid
+
+
+def evaluate(bound_fn, params, tokens: np.ndarray, key: jax.Array, *, batch_size: int, max_batches: int = 0,
+             put=None, progress=None) -> dict:
+  """Mean bound (nats/token) over the rows of `tokens` [N, L] with its standard error.
+
+  Batches come from `padded_batches` (every row counts exactly once). `put`
+  places a host batch on the devices (default: jnp.asarray).
+  """
+  put = put or jnp.asarray
+  num_batches = math.ceil(tokens.shape[0] / batch_size)
+  if max_batches:
+    num_batches = min(num_batches, max_batches)
+  rows = {"recon": [], "diffusion": [], "prior": []}
+  for b, chunk, valid in padded_batches(tokens, batch_size, num_batches):
     terms = jax.device_get(bound_fn(params, put(chunk), jax.random.fold_in(key, b)))
     for name in rows:
       rows[name].append(np.asarray(getattr(terms, name), np.float64)[:valid])

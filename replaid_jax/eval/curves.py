@@ -18,6 +18,7 @@ import numpy as np
 
 from replaid_jax import paths
 from replaid_jax.diffusion import elbo
+from replaid_jax.eval import bound as bound_lib
 from replaid_jax.models import embedding
 from replaid_jax.models import model as model_lib
 from replaid_jax.models import noise_schedule
@@ -64,15 +65,10 @@ def compute(terms_fn, params, tokens: np.ndarray, key: jax.Array, *, num_points:
   put = put or jnp.asarray
   n = tokens.shape[0]
   grid = np.linspace(0.0, 1.0, num_points)
-  num_batches = math.ceil(n / batch_size)
   out = {name: {"mean": [], "stderr": []} for name in ("diffusion", "ce", "error")}
   for j, t in enumerate(grid):
     rows = {name: [] for name in out}
-    for b in range(num_batches):
-      chunk = tokens[b * batch_size:(b + 1) * batch_size]
-      valid = chunk.shape[0]
-      if valid < batch_size:
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - valid, axis=0)], axis=0)
+    for b, chunk, valid in bound_lib.padded_batches(tokens, batch_size):
       k = jax.random.fold_in(jax.random.fold_in(key, j), b)
       res = jax.device_get(terms_fn(params, put(chunk), jnp.full((batch_size,), t, jnp.float32), k))
       for name in rows:
