@@ -163,7 +163,6 @@ def test_eval_bound_equals_a_brute_force_elbo_within_its_standard_error(markov_r
   assert abs(diff) < 3 * paired_se
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rows, batch, limit", [(10, 4, None), (8, 4, None), (3, 4, None), (10, 4, 2)])
 def test_padded_batches_have_one_shape_and_give_every_row_once(rows, batch, limit):
   tokens = np.arange(rows * 2).reshape(rows, 2)
@@ -177,6 +176,7 @@ def test_padded_batches_have_one_shape_and_give_every_row_once(rows, batch, limi
   np.testing.assert_array_equal(np.concatenate(seen), expected)
 
 
+@pytest.mark.slow
 def test_standard_error_falls_like_one_over_sqrt_sequences_times_k():
   """SE * sqrt(N K) stays within a factor 2 as N grows 4x and K grows 4x and 16x."""
   params = perturbed_params(jax.random.key(5))
