@@ -59,15 +59,7 @@ def pack(token_docs: list[list[int]], *, eos_id: int, seq_len: int) -> tuple[np.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be positive, got {seq_len}.")
-  total = sum(len(doc) for doc in token_docs) + len(token_docs)
-  stream = np.empty(total, np.int32)
-  pos = 0
-  for doc in token_docs:
-    stream[pos:pos + len(doc)] = doc
-    pos += len(doc)
-    stream[pos] = eos_id
-    pos += 1
-  return _cut(stream, seq_len)
+  return _cut(sources.join_documents(token_docs, eos_id), seq_len)
 
 
 def _cut(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:

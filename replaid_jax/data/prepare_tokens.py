@@ -8,10 +8,11 @@ followed by the end-of-sequence id, in this process or in worker processes.
 import collections
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
+from replaid_jax.data import sources
 from replaid_jax.errors import ConfigError
 
 TOKENIZER_KINDS = ("auto", "sentencepiece", "bpe")
@@ -37,17 +38,6 @@ def load_any_tokenizer(path: str, *, kind: str = "auto", eos_token: str = "",
   return tokenizer_lib.load_tokenizer(path, what=what)
 
 
-def _flatten(token_docs: Sequence[Sequence[int]], eos_id: int) -> np.ndarray:
-  stream = np.empty(sum(len(d) for d in token_docs) + len(token_docs), np.int32)
-  pos = 0
-  for doc in token_docs:
-    stream[pos:pos + len(doc)] = doc
-    pos += len(doc)
-    stream[pos] = eos_id
-    pos += 1
-  return stream
-
-
 def _worker_init(path: str, kind: str, eos_token: str) -> None:
   global _WORKER_TOKENIZER
   _WORKER_TOKENIZER = load_any_tokenizer(path, kind=kind, eos_token=eos_token)
@@ -55,7 +45,7 @@ def _worker_init(path: str, kind: str, eos_token: str) -> None:
 
 def _worker_encode(texts: list[str]) -> np.ndarray:
   tok = _WORKER_TOKENIZER
-  return _flatten(tok.encode_batch(texts, num_threads=1), tok.eos_id)
+  return sources.join_documents(tok.encode_batch(texts, num_threads=1), tok.eos_id)
 
 
 class Encoder:
@@ -83,7 +73,7 @@ class Encoder:
   def submit(self, texts: list[str], done: Callable[[np.ndarray], None]) -> None:
     """Tokenises `texts`; `done(stream)` is called in submission order."""
     if self._pool is None:
-      done(_flatten(self._tok.encode_batch(texts, num_threads=self._threads), self._tok.eos_id))
+      done(sources.join_documents(self._tok.encode_batch(texts, num_threads=self._threads), self._tok.eos_id))
       return
     self._queue.append((self._pool.apply_async(_worker_encode, (texts,)), done))
     while len(self._queue) > self._window:

