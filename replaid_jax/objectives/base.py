@@ -13,7 +13,7 @@ the same keys, and `recon + diffusion + prior` is always the reported bound.
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, TYPE_CHECKING
+from typing import Any, Callable, ClassVar, TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -59,7 +59,7 @@ def zero_terms(like_B: jax.Array, **values) -> elbo.Terms:
 
 @dataclasses.dataclass(frozen=True)
 class SampleRequest:
-  """One batch of a sampling run, as the sampling CLI hands it to every objective (`Objective.generate`).
+  """One batch of a sampling run, as the sampling CLI hands it to every objective (`Objective.batch_sampler`).
 
   The prompt comes twice: as the guidance conditioning RePlaid's sampler reads
   (targets, weights, clamps, word spans), and as the known tokens the
@@ -149,7 +149,7 @@ class Objective:
 
   # ---- The sampling CLI's interface (`sample/run.py`): one path for every objective.
 
-  reports_sampler_steps: ClassVar[bool] = False  # `generate` feeds `SampleRequest.progress` per sampler step
+  reports_sampler_steps: ClassVar[bool] = False  # its batch sampler feeds `SampleRequest.progress` per step
 
   def check_prompt(self, s, *, has_suffix: bool) -> None:
     """Raises a ConfigError naming the fix when the `sample` settings ask for conditioning this sampler lacks."""
@@ -163,17 +163,20 @@ class Objective:
             "score_temp": 1.0, "condition": "clamp",
             **{k: getattr(s, k) for k in ("prefix", "prefix_file", "suffix", "suffix_file", "gap")}}
 
-  def generate(self, params: dict, key: jax.Array, request: SampleRequest, s) -> dict[str, jax.Array]:
-    """{"tokens": [B, L], ...} for one batch of the run.
+  def batch_sampler(self, params: dict, s) -> Callable[[jax.Array, SampleRequest], dict[str, jax.Array]]:
+    """(key, request) -> {"tokens": [B, L], ...} for one batch of a run with the `sample` settings `s`; what
+    does not change between batches is prepared here, once.
 
     The default draws from the objective's own sampler (`sample`) with key fold_in(key, request.index) and
     the prompt's tokens held fixed: masked diffusion conditions on them exactly, uniform-state diffusion
     holds them while the rest is denoised (a heuristic), the AR model teacher-forces its prefix.
     """
-    b = request.known_BL.shape[0]
-    return {"tokens": self.sample(params, jax.random.fold_in(key, request.index), num_samples=b,
-                                  seq_len=request.seq_len, num_steps=s.steps, known_BL=request.known_BL,
-                                  known_mask_BL=request.known_mask_BL)}
+    def sample_batch(key: jax.Array, request: SampleRequest) -> dict[str, jax.Array]:
+      return {"tokens": self.sample(params, jax.random.fold_in(key, request.index),
+                                    num_samples=request.known_BL.shape[0], seq_len=request.seq_len,
+                                    num_steps=s.steps, known_BL=request.known_BL,
+                                    known_mask_BL=request.known_mask_BL)}
+    return sample_batch
 
   def forward(self, params: dict, tokens_BL: jax.Array, *, unroll: bool = False) -> jax.Array:
     """One forward pass of the network on a batch (at an arbitrary noise level), for FLOP counting."""

@@ -14,9 +14,6 @@ from replaid_jax.models import model as model_lib
 from replaid_jax.objectives import base
 
 
-_normalized = jax.jit(embedding.normalized)
-
-
 @flax.struct.dataclass
 class Setup:
   plan: time_sampling.Plan
@@ -106,7 +103,7 @@ class RePlaid(base.Objective):
 
   def sample(self, params, key, *, num_samples, seq_len, num_steps, known_BL=None, known_mask_BL=None):
     if known_BL is not None:
-      raise ValueError("conditional RePlaid sampling goes through `generate` (guidance and clamping).")
+      raise ValueError("conditional RePlaid sampling goes through `batch_sampler` (guidance and clamping).")
     return sampler.sample(params, key, num_samples=num_samples, seq_len=seq_len, num_steps=num_steps,
                           model_cfg=self.c.model, cfg=self.c.diffusion)
 
@@ -124,15 +121,21 @@ class RePlaid(base.Objective):
     """The model as the sampler calls it (output prior at full scale, as at eval)."""
     return sampler.ModelDenoiser(self.c.model, self.c.diffusion.output_prior)
 
-  def generate(self, params, key, request, s):
-    """The guided sampler (`diffusion/sampler.generate`) on the schedule's float64 grid; one key for the run,
-    each sample's noise from its id, so a sample does not depend on its batch."""
+  def batch_sampler(self, params, s):
+    """The guided sampler (`diffusion/sampler.generate`) on the schedule's float64 grid, which is computed once
+    with the normalised embeddings; one key for the run, each sample's noise from its id, so a sample does not
+    depend on its batch."""
     host = jax.device_get({"schedule": params["schedule"], "bounds": params["bounds"]})
     t, gammas = sampler.schedule_grid(host, s.steps, self.c.diffusion.schedule, s.time_grid)
-    return sampler.generate(self.denoiser(), params, key, sample_ids=request.sample_ids, seq_len=request.seq_len,
-                            t=t, gammas=gammas, table=_normalized(params["embedding"]), method=s.sampler,
-                            score_temp=s.score_temp, selfcond=s.selfcond, cond=request.cond,
-                            batch_sharding=request.batch_sharding, progress=request.progress)
+    table = jax.jit(embedding.normalized)(params["embedding"])
+    denoiser = self.denoiser()
+
+    def sample_batch(key, request):
+      return sampler.generate(denoiser, params, key, sample_ids=request.sample_ids, seq_len=request.seq_len, t=t,
+                              gammas=gammas, table=table, method=s.sampler, score_temp=s.score_temp,
+                              selfcond=s.selfcond, cond=request.cond, batch_sharding=request.batch_sharding,
+                              progress=request.progress)
+    return sample_batch
 
   def forward(self, params, tokens_BL, *, unroll=False):
     b, l = tokens_BL.shape

@@ -145,7 +145,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   """Generates samples from a run's checkpoint; returns the summary (also written next to the samples).
 
   The samples go to `output_path(workdir, step, output)`, the summary next to them (<name>.summary.json).
-  Every objective samples through `Objective.generate`: RePlaid's guided sampler, the baselines' own.
+  Every objective samples through `Objective.batch_sampler`: RePlaid's guided sampler, the baselines' own.
   """
   workdir = paths.absolute(workdir)
   if output:
@@ -161,7 +161,7 @@ def sample_checkpoint(workdir: str, *, step: int | None = None, overrides: dict[
   if run.s.judge:
     summary["generative_perplexity"] = _judge(run, [r["text"] for r in rows])
   if jax.process_index() == 0:
-    _write(run, rows, summary, output)
+    _write(run, tokens_out["tokens"], rows, summary, output)
   return summary
 
 
@@ -205,12 +205,13 @@ def _generate_all(run: _Sampling) -> tuple[dict[str, np.ndarray], dict, Any]:
   cond = jax.tree.map(put, run.layout.batch(batch))
   known = put(np.broadcast_to(run.layout.tokens, (batch, run.seq_len)))  # 0 where untargeted
   known_mask = put(np.broadcast_to(run.layout.targeted, (batch, run.seq_len)))
+  draw = run.objective.batch_sampler(run.params, s)
 
   def sample_batch(b: int) -> dict:
     ids = put(np.arange(b * batch, (b + 1) * batch, dtype=np.int32))
     request = objectives.SampleRequest(index=b, sample_ids=ids, seq_len=run.seq_len, cond=cond, known_BL=known,
                                        known_mask_BL=known_mask, batch_sharding=shard(3), progress=bar)
-    out = run.objective.generate(run.params, key, request, s)
+    out = draw(key, request)
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
 
   t0, outs, batch_seconds = time.time(), [], []
@@ -283,15 +284,15 @@ def _judge(run: _Sampling, texts: list[str | None]) -> dict:
   return out
 
 
-def _write(run: _Sampling, rows: list[dict], summary: dict, output: str | None) -> None:
+def _write(run: _Sampling, tokens: np.ndarray, rows: list[dict], summary: dict, output: str | None) -> None:
   """The samples' JSONL and summary JSON (atomically, never over earlier ones), the console and TensorBoard."""
   path = output_path(run.workdir, run.step, output)
   paths.makedirs(os.path.dirname(path))
   paths.write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
   summary["samples_file"] = path
   paths.write_text_atomic(path[:-len(".jsonl")] + ".summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
-  shown = [tokenizer_lib.display_text(run.tok, np.asarray(r["tokens"])) if run.tok is not None
-           else " ".join(map(str, r["tokens"])) for r in rows]
+  shown = [tokenizer_lib.display_text(run.tok, row) if run.tok is not None else " ".join(map(str, row.tolist()))
+           for row in tokens]
   _print(rows, shown, summary, run.s.print_samples)
   write_tensorboard(run.workdir, run.step, path, shown, summary)
 
