@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from replaid_jax import paths
 from replaid_jax import scaling
 from replaid_jax import scaling_analysis
 
@@ -126,7 +127,7 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: str) -> li
 
 def _save(plt, fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.save_figure(fig, path, dpi=120)
   plt.close(fig)
   return path
 
