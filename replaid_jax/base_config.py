@@ -41,7 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.input_posterior = False  # also feed each position's own-z token posterior, embedded by a V x D table, to h_0
   # A study switch for the plateau (docs/plateau.md), a departure from the DiT: "alibi" adds a fixed penalty
   # -s_h |i - j| to the attention logits, next to RoPE, with slopes s_h = 2^(-8h/H), h = 0..H-1 (head 0 local).
-  m.attention_bias = "none"  # "none" (RoPE only, the DiT's attention) or "alibi" (RoPE and the locality penalty)
+  # RoPE only ("none", the DiT's attention), plus a fixed locality penalty -s_h |i - j| ("alibi"), or plus a
+  # trained bias per block, head and distance that starts as that penalty ("learned")
+  m.attention_bias = "none"  # "none", "alibi" or "learned" (see above)
   m.block = "dit"  # "dit" (adaLN-Zero, LayerNorm, MLP biases) or "plaid" (the original Plaid block, ablation)
 
   # ---- diffusion: the ELBO, its estimator and the schedule.

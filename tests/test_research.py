@@ -127,6 +127,34 @@ def test_the_alibi_switch_changes_the_attention_and_nothing_else(tiny_model):
   assert np.abs(run(cfg) - run(dataclasses.replace(cfg, attention_bias="alibi"))).max() > 1e-3
 
 
+def test_the_learned_locality_starts_as_alibi_and_trains_one_bias_per_block_head_and_distance(tiny_model):
+  """attention_bias='learned': table[h, |i - j|] added to the logits; at init it is the alibi network exactly,
+  and the output has a gradient with respect to it at the distances a sequence uses (so it trains)."""
+  from replaid_jax.models import layers  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(tiny_model, gate_init=0.5, head_init_scale=1.0, attention_bias="learned")
+  table = np.asarray(layers.relative_bias_init(3, 2, 6))
+  assert table.shape == (3, 2, 6) and table[1, 0, 4] == -4.0 and table[2, 1, 2] == -2.0 / 16
+  np.testing.assert_array_equal(np.asarray(layers.relative_bias(jnp.asarray(table[0]), 5)),
+                                np.asarray(layers.alibi_bias(5, 2)))
+  custom = jnp.arange(12.0).reshape(2, 6)
+  bias = np.asarray(layers.relative_bias(custom, 4))
+  assert bias[1, 0, 3] == 9.0 and bias[1, 3, 0] == 9.0 and bias[0, 2, 2] == 0.0
+  with pytest.raises(ValueError, match="max_seq_len"):
+    layers.relative_bias(custom, 7)
+
+  x = jax.random.normal(jax.random.key(1), (2, 8, cfg.width))
+  cond = jnp.zeros((2,))
+  learned = denoiser.Denoiser(cfg, key=jax.random.key(0))
+  alibi = denoiser.Denoiser(dataclasses.replace(cfg, attention_bias="alibi"), key=jax.random.key(0))
+  assert learned.blocks.rel_bias[...].shape == (cfg.num_layers, cfg.num_heads, cfg.max_seq_len)
+  np.testing.assert_array_equal(np.asarray(learned.trunk(x, cond)), np.asarray(alibi.trunk(x, cond)))
+
+  grads = nnx.grad(lambda net: jnp.sum(net.trunk(x, cond) ** 2))(learned)
+  g = np.asarray(grads["blocks"]["rel_bias"][...])
+  assert np.abs(g[:, :, :8]).max() > 1e-4  # distances inside the sequence get a gradient
+  np.testing.assert_array_equal(g[:, :, 8:], 0.0)  # distances beyond it do not
+
+
 def test_attention_profile_at_initialisation_sums_to_one_and_alibi_concentrates_it_on_neighbours():
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top

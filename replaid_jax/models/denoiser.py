@@ -60,6 +60,7 @@ class DitBlocks(nnx.Module):
     self.mlp_b1 = layers.zeros((n, f), ("layers", "mlp"))
     self.mlp_w2 = layers.normal(next(keys), (n, f, d), f**-0.5, ("layers", "mlp", "embed"))
     self.mlp_b2 = layers.zeros((n, d), ("layers", None))
+    _add_relative_bias(self, cfg)
 
   def layer(self, x_BLD: jax.Array, c_BC: jax.Array, rope: tuple) -> jax.Array:
     """One block; `self` holds one layer's slice of the parameters (inside `run_stack`)."""
@@ -89,6 +90,7 @@ class PlaidBlocks(nnx.Module):
     self.rms2 = layers.ones((n, d), ("layers", None))
     self.mlp_w1 = layers.normal(next(keys), (n, d, f), d**-0.5, ("layers", "embed", "mlp"))
     self.mlp_w2 = layers.normal(next(keys), (n, f, d), f**-0.5, ("layers", "mlp", "embed"))
+    _add_relative_bias(self, cfg)
 
   def layer(self, x_BLD: jax.Array, c_BC: None, rope: tuple) -> jax.Array:
     del c_BC  # the noise level entered h_0
@@ -100,22 +102,36 @@ class PlaidBlocks(nnx.Module):
     return partitioning.constrain(x_BLD + scale * layers.dense(h, self.mlp_w2[...], dtype=dt), ACT)
 
 
-def attention_operands(cfg: model_config.ModelConfig, qkv_DTHK: jax.Array, h_BLD: jax.Array, rope: tuple
+def _add_relative_bias(blocks: "DitBlocks | PlaidBlocks", cfg: model_config.ModelConfig) -> None:
+  """model.attention_bias='learned': a trained [H, max_seq_len] bias by distance per block, alibi at the start."""
+  if cfg.attention_bias == "learned":
+    init = layers.relative_bias_init(cfg.num_layers, cfg.num_heads, cfg.max_seq_len)
+    blocks.rel_bias = layers.fixed(init, ("layers", "heads", None))
+
+
+def attention_operands(cfg: model_config.ModelConfig, qkv_DTHK: jax.Array, h_BLD: jax.Array, rope: tuple,
+                       rel_bias_HR: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """(q, k, v [B, L, H, K], additive bias [H, L, L] or None) of one block's attention: the projection of the
-  normalised residual stream, RoPE on q and k, and model.attention_bias."""
+  normalised residual stream, RoPE on q and k, and model.attention_bias (`rel_bias_HR`: the block's learned
+  bias by distance, for "learned")."""
   dt = jnp.dtype(cfg.compute_dtype)
   qkv = jnp.einsum("bld,dthk->tblhk", h_BLD.astype(dt), qkv_DTHK.astype(dt))
   qkv = partitioning.constrain(qkv, (None, "batch", None, "heads", None))
   q = layers.apply_rope(qkv[0], *rope)
   k = layers.apply_rope(qkv[1], *rope)
-  bias = layers.alibi_bias(h_BLD.shape[1], cfg.num_heads) if cfg.attention_bias == "alibi" else None
+  bias = None
+  if cfg.attention_bias == "alibi":
+    bias = layers.alibi_bias(h_BLD.shape[1], cfg.num_heads)
+  elif cfg.attention_bias == "learned":
+    bias = layers.relative_bias(rel_bias_HR, h_BLD.shape[1])
   return q, k, qkv[2], bias
 
 
 def _attention(blk: DitBlocks | PlaidBlocks, h: jax.Array, rope: tuple) -> jax.Array:
   cfg = blk.cfg
-  q, k, v, bias = attention_operands(cfg, blk.qkv[...], h, rope)
+  rel = blk.rel_bias[...] if cfg.attention_bias == "learned" else None
+  q, k, v, bias = attention_operands(cfg, blk.qkv[...], h, rope, rel)
   att = layers.attention(q, k, v, causal=cfg.causal, bias_HLL=bias)
   dt = jnp.dtype(cfg.compute_dtype)
   return jnp.einsum("blhk,hkd->bld", att, blk.attn_out[...].astype(dt), preferred_element_type=jnp.float32)

@@ -100,6 +100,21 @@ def alibi_bias(seq_len: int, num_heads: int) -> jax.Array:
   return -alibi_slopes(num_heads)[:, None, None] * jnp.abs(pos[:, None] - pos[None, :])[None]
 
 
+def relative_bias_init(num_layers: int, num_heads: int, max_distance: int) -> jax.Array:
+  """[N, H, R] learned-locality bias at initialisation: -s_h d for d = 0..R-1, the alibi penalty in every block."""
+  d = jnp.arange(max_distance, dtype=jnp.float32)
+  return jnp.broadcast_to(-alibi_slopes(num_heads)[:, None] * d[None], (num_layers, num_heads, max_distance))
+
+
+def relative_bias(table_HR: jax.Array, seq_len: int) -> jax.Array:
+  """[H, L, L] attention logits table[h, |i - j|] of one block's learned locality."""
+  if seq_len > table_HR.shape[-1]:
+    raise ValueError(f"sequence of {seq_len} tokens is longer than the learned attention bias "
+                     f"({table_HR.shape[-1]} distances, model.max_seq_len); raise model.max_seq_len.")
+  pos = jnp.arange(seq_len)
+  return table_HR[:, jnp.abs(pos[:, None] - pos[None, :])]
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=True)
 

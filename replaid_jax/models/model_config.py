@@ -6,7 +6,7 @@ COND_INPUTS = ("gamma", "t")
 OUTPUT_BIAS_INITS = ("zeros", "unigram")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 BLOCKS = ("dit", "plaid")
-ATTENTION_BIASES = ("none", "alibi")
+ATTENTION_BIASES = ("none", "alibi", "learned")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -232,7 +232,8 @@ def attention_by_distance(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus
   shift, scale = jnp.split(blk["adaln_b"][0], 6)[:2]  # the adaLN weights are zero at initialisation
   h = layers.modulate(layers.layer_norm(x, blk["ln1"][0]), shift[None], scale[None])
   rope = layers.rope_tables(tokens.shape[1], m.head_dim, m.rope_base)
-  q, k, _, bias = denoiser_lib.attention_operands(m, blk["qkv"][0], h, rope)
+  rel = blk["rel_bias"][0] if "rel_bias" in blk else None
+  q, k, _, bias = denoiser_lib.attention_operands(m, blk["qkv"][0], h, rope, rel)
   logits = jnp.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(m.head_dim)
   if bias is not None:
     logits = logits + bias[None]
