@@ -13,7 +13,8 @@ with --diagnostics, the per-noise-level comparison with the context-free
 denoiser (replaid_jax/research/plateau.py). Finished runs are skipped, so a
 study can be extended or resumed. `--report` prints and writes OUT/report.md
 and OUT/summary.json: every variant's mean bound and its standard error over
-seeds at each step, and the paired difference to --reference.
+seeds at each step, and the paired difference to --reference; OUT/curves.png
+plots those bounds against the step.
 
 A variant is NAME:KEY=VALUE[;KEY=VALUE...] with KEY a dotted config key;
 VALUE is parsed as a Python literal when it is one, else taken as a string.
@@ -247,11 +248,36 @@ def report(out: str, reference: str = "") -> str:
     n = max(r["n"] for r in v["steps"].values())
     lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
   text = "\n".join(lines)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, default=str)
+  paths.write_text_atomic(os.path.join(out, "report.md"), text + "\n")
+  paths.write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1, default=str))
+  if summary:
+    save_curves(summary, os.path.join(out, "curves.png"), title=os.path.basename(os.path.normpath(out)))
   return text
+
+
+def save_curves(summary: dict, path: str, *, title: str = "") -> str:
+  """The bound against the step for every variant (mean over seeds, ± one standard error), with the unigram."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  for name, v in summary.items():
+    steps = sorted(v["steps"], key=int)
+    mean = [v["steps"][s]["mean"] for s in steps]
+    se = [0.0 if math.isnan(v["steps"][s]["se"]) else v["steps"][s]["se"] for s in steps]
+    n = max(r["n"] for r in v["steps"].values())
+    ax.errorbar([int(s) for s in steps], mean, yerr=se, marker="o", ms=3, capsize=2, label=f"{name} ({n} seeds)")
+  ax.axhline(next(iter(summary.values()))["unigram"], color="k", ls=":", lw=1, label="unigram")
+  ax.set_xscale("log")
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel("bound (nats/token; AR: NLL)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.save_figure(fig, path)
+  plt.close(fig)
+  return path
 
 
 def main(argv):

@@ -220,6 +220,7 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
   assert "train/grad_norm_denoiser" not in run["points"][0]["train"]  # averaged step metrics, not logged rows
   assert run["points"][0]["train"]["grad_norm_denoiser"] >= 0 and "embed_min_dist" in run["points"][0]["train"]
   assert "| replaid | 1 |" in (study / "report.md").read_text()
+  assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Rerunning skips finished runs; a probe reports every min(steps) steps.
   again = _cli("launch/plateau.py", f"--out={study}", "--base=configs/tiny.py", f"--variant=replaid:{data}",
                "--seeds=0", "--steps=2,4")
