@@ -257,9 +257,7 @@ def report(out: str, reference: str = "") -> str:
 
 def save_curves(summary: dict, path: str, *, title: str = "") -> str:
   """The bound against the step for every variant (mean over seeds, ± one standard error), with the unigram."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
   for name, v in summary.items():
     steps = sorted(v["steps"], key=int)

@@ -69,6 +69,14 @@ def write_text_atomic(p: str | os.PathLike, text: str) -> None:
   write_bytes_atomic(p, text.encode("utf-8"))
 
 
+def pyplot():
+  """matplotlib.pyplot on the headless Agg backend, imported on first use (plots are optional work)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
 def save_figure(fig, p: str | os.PathLike, **savefig_kwargs) -> str:
   """A matplotlib figure as a PNG at a local path or a URI, its folder made and the file written atomically."""
   buf = io.BytesIO()

@@ -115,9 +115,7 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: str) -> li
   Invalid fits are drawn dotted (or not at all when they have no parabola);
   returns the paths written.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
 
   os.makedirs(out_dir, exist_ok=True)
   groups = scaling_analysis.group_runs(runs) if runs else {}

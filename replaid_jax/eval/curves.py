@@ -106,9 +106,7 @@ def summarise(curves: dict) -> dict:
 
 def save_plot(curves: dict, summary: dict, path: str, title: str) -> str:
   """Three panels against t: l(t), CE(t) with its linear fit, argmax error rate."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
 
   t = np.asarray(curves["t"])
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)

@@ -107,9 +107,7 @@ def denoiser_gain_by_level(params: dict, tokens_BL: np.ndarray, log_unigram: np.
 
 def plot_gain_by_level(curves: dict[str, dict], path: str, title: str = "") -> None:
   """Bars of the context-free per-bin loss and lines of each model's, against the noise level gamma (-log SNR)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   first = next(iter(curves.values()))
   edges = np.asarray(first["gamma_edges"])

@@ -80,9 +80,7 @@ def analyse(params: dict, counts_V: np.ndarray | None, *, top_tokens: int = 20, 
 
 def save_scree(result: dict, path: str, title: str) -> str:
   """Bars of the explained-variance ratio, the cumulative curve and the 90% line."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
 
   fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
   for key, colour in (("all_rows", "tab:blue"), ("frequency_weighted", "tab:orange")):

@@ -11,9 +11,7 @@ def save_schedule_plot(params: dict, schedule: str, path: str, step: int, num_po
 
   The left axis reads gamma, the right axis the same curve as log-SNR = -gamma.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
 
   gammas = sampler.gamma_grid(params, num_points, schedule)
   t = np.linspace(0.0, 1.0, num_points + 1)
@@ -44,9 +42,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def save_loss_curve(rows: list[dict], path: str) -> str:
   """The training loss against steps (with the validation bound where it was measured), as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
 
   train = [r for r in rows if "train/loss" in r]
   val = [r for r in rows if "val/nats_per_token" in r]
@@ -76,9 +72,7 @@ def read_validation_curve(workdir: str) -> list[dict]:
 
 def save_bound_curve(runs: dict[str, list[dict]], path: str) -> str:
   """Validation bound (± 2 SE) and its ratio to the unigram cross-entropy against wall-clock minutes."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = paths.pyplot()
 
   fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
   for name, rows in runs.items():
