@@ -61,8 +61,8 @@ def test_the_one_init_trace_gives_the_shardings_and_values_of_the_abstract_model
       _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor")})), corpus)
   mesh = sharding_lib.make_mesh(c.mesh.axes, c.mesh.shape, jax.devices()[:8])
   objective = objectives.make(c)
-  tx = optim.make(c.optim, total_steps=c.train.num_steps, frozen=objective.frozen_groups())
   net = objective.abstract()
+  tx = optim.make(c.optim, total_steps=c.train.num_steps, axes=net.axes, frozen=objective.frozen_groups())
   params_sh = sharding_lib.param_shardings(net.shapes, net.axes, c.mesh.rules, mesh)
   state_sh = sharding_lib.derived_shardings(lambda p: step_lib.init_state(p, tx), net.shapes, params_sh, mesh)
   expected = jax.jit(lambda key: step_lib.init_state(objective.init(key, None)[0], tx),

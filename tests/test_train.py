@@ -59,6 +59,43 @@ def _run_steps(mesh_shape, num_steps=2, **overrides):
   return jax.device_get(state.params), losses, run
 
 
+@pytest.mark.parametrize("block", ["dit", "plaid"])
+def test_weight_decay_shrinks_the_matrices_and_not_the_stacked_vectors(block):
+  """With a zero gradient, AdamW's update is the decoupled decay alone: -lr * wd * p on every backbone parameter
+  with two or more axes besides the "layers" stacking axis, and nothing on the blocks' norms, biases and gates
+  (stacked, they have two array axes but are vectors). The bounds decay with their own rate, the embedding
+  (weight decay 0) not at all. Built as training builds it, from the model's logical axes."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  overrides = {"mesh.shape": (1, 1, 1), "mesh.axes": ("data", "fsdp", "tensor"), "optim.warmup_steps": 0,
+               "optim.weight_decay": 0.1, "optim.bounds_weight_decay": 0.01, "optim.embedding_weight_decay": 0.0,
+               "model.block": block}
+  corpus = _synthetic_corpus()
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(_tiny_config(**overrides)), corpus)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  params = run.state.params
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = run.tx.update(zeros, run.tx.init(params), params)
+  flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  p, u = flat(params), flat(updates)
+  axes = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+      run.axes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+  decayed, kept = [], []
+  for name, value in p.items():
+    rate = 0.0
+    if name.startswith("['denoiser']") and len([a for a in axes[name] if a != "layers"]) >= 2:
+      rate = c.optim.lr * 0.1
+      decayed.append(name)
+    elif name.startswith("['bounds']"):
+      rate = c.optim.bounds_lr * 0.01
+    elif name.startswith("['denoiser']"):
+      kept.append(name)
+    np.testing.assert_allclose(u[name], -rate * value, rtol=1e-6, atol=1e-12, err_msg=name)
+  assert any("qkv" in n for n in decayed) and any("mlp_w1" in n for n in decayed)
+  stacked_vectors = [n for n in kept if "['blocks']" in n]
+  assert stacked_vectors and all(p[n].ndim == 2 for n in stacked_vectors)  # [layers, width]: the old mask's defect
+  assert any(np.any(p[n] != 0) for n in stacked_vectors)  # the LayerNorm scales are ones: a decay would show
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="not divisible by the 8 devices"):

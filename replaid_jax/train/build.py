@@ -86,7 +86,10 @@ def build(c: config_lib.Config, corpus: pipeline.Corpus, devices=None) -> Run:
         f"split over; set train.batch_size (with train.grad_accum_steps) to a multiple of {split}."
     )
   objective = objectives.make(c)
-  tx = optim.make(c.optim, total_steps=c.train.num_steps, frozen=objective.frozen_groups())
+  # The weight-decay mask reads the parameters' logical axes when the optimizer's init first runs: inside the
+  # trace below, after the model's init, which keeps them (no trace of its own).
+  tx = optim.make(c.optim, total_steps=c.train.num_steps, axes=lambda: objective.abstract().axes,
+                  frozen=objective.frozen_groups())
   bias = output_bias(c, corpus)
 
   def make_state(key):

@@ -57,7 +57,7 @@ def with_num_steps(run: build_lib.Run, num_steps: int) -> build_lib.Run:
   if num_steps == c.train.num_steps:
     return run
   c = dataclasses.replace(c, train=dataclasses.replace(c.train, num_steps=num_steps))
-  tx = optim.make(c.optim, total_steps=num_steps, frozen=run.objective.frozen_groups())
+  tx = optim.make(c.optim, total_steps=num_steps, axes=run.axes, frozen=run.objective.frozen_groups())
   return dataclasses.replace(run, config=c, tx=tx)
 
 
