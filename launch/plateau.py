@@ -41,6 +41,8 @@ _STEPS = flags.DEFINE_string("steps", "100,300,500,1000", "Steps at which the bo
                              "every min(steps) steps up to max(steps)).")
 _DIAG = flags.DEFINE_string("diagnostics", "", "Steps at which the per-noise-level diagnostic is computed.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+_NOISE = flags.DEFINE_integer("noise_batches", 0, "At each step of --steps, also the gradient noise scale of the "
+                              "training estimator from this many batches of fixed training rows (0: not measured).")
 _PIN = flags.DEFINE_bool("pin", True, "Pin each run to one core with single-threaded XLA.")
 _REPORT = flags.DEFINE_bool("report", False, "Only summarise the runs in --out.")
 _REFERENCE = flags.DEFINE_string("reference", "", "Variant the report pairs every other variant with.")
@@ -113,7 +115,8 @@ def _run_one(spec: str, seed: int, out_file: str) -> None:
            "points": [{"step": p["step"], "bound": p["gain"], "stderr": float("nan"), "seconds": 0.0, "train": p}
                       for p in pts], "unigram": 0.0}
   else:
-    res = plateau.train_curve(cd, corpus, eval_steps=steps, on_point=show, diagnostics_at=diag)
+    res = plateau.train_curve(cd, corpus, eval_steps=steps, on_point=show, diagnostics_at=diag,
+                              noise_batches=_NOISE.value)
   res.update(variant=name, overrides=overrides, seed=seed, base=_BASE.value)
   paths.write_text_atomic(out_file, json.dumps(res))
 
@@ -159,7 +162,7 @@ def _launch_all() -> None:
   print(f"{len(jobs)} run(s) to do", flush=True)
   running = []
   passthrough = [f"--base={_BASE.value}", f"--steps={_STEPS.value}", f"--diagnostics={_DIAG.value}",
-                 f"--out={_OUT.value}", f"--probe_loss={_PROBE_LOSS.value}"]
+                 f"--out={_OUT.value}", f"--probe_loss={_PROBE_LOSS.value}", f"--noise_batches={_NOISE.value}"]
   if _PROBE.value is not None:
     passthrough.append(f"--probe_gamma={_PROBE.value}")
   while jobs or running:

@@ -209,7 +209,8 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
           "data.npy_vocab_size=16;data.val_plays='';eval.num_samples=0")
   study = tmp_path / "study"
   _cli("launch/plateau.py", f"--out={study}", "--base=configs/tiny.py", f"--variant=replaid:{data}",
-       f"--variant=ar:objective='ar';{data}", "--seeds=0", "--steps=2,4", "--parallel=2", "--reference=replaid")
+       f"--variant=ar:objective='ar';{data}", "--seeds=0", "--steps=2,4", "--parallel=2", "--reference=replaid",
+       "--noise_batches=3")
   summary = json.loads((study / "summary.json").read_text())
   assert set(summary) == {"replaid", "ar"}
   for name, v in summary.items():
@@ -219,6 +220,9 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
   run = json.loads((study / "replaid" / "seed0.json").read_text())
   assert "train/grad_norm_denoiser" not in run["points"][0]["train"]  # averaged step metrics, not logged rows
   assert run["points"][0]["train"]["grad_norm_denoiser"] >= 0 and "embed_min_dist" in run["points"][0]["train"]
+  for name in ("replaid", "ar"):  # the gradient noise scale at every point, for any objective
+    for p in json.loads((study / name / "seed0.json").read_text())["points"]:
+      assert p["train"]["noise/trace_all"] > 0 and np.isfinite(p["train"]["noise/grad_sq_all"]), p["train"]
   assert "| replaid | 1 |" in (study / "report.md").read_text()
   assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Rerunning skips finished runs; a probe reports every min(steps) steps.
@@ -230,3 +234,53 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
        "--steps=2,4", "--probe_gamma=-2")
   pts = json.loads((probe / "p" / "seed0.json").read_text())["points"]
   assert [p["step"] for p in pts] == [2, 4] and all(np.isfinite(p["train"]["ce"]) for p in pts)
+
+
+def test_the_noise_scale_estimates_recover_the_gradient_and_the_noise_of_a_known_gaussian_estimator():
+  """G_i = g + N(0, S / b): averaged over many draws, the estimates of |g|^2 and tr(S) are unbiased."""
+  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  dim, m, b, trials = 40, 8, 16, 3000
+  g = rng.normal(size=dim) * 0.3
+  s_diag = rng.uniform(0.5, 2.0, size=dim)  # per-example variances: tr(S) = sum
+  grad_sq, trace = [], []
+  for _ in range(trials):
+    batches = g + rng.normal(size=(m, dim)) * np.sqrt(s_diag / b)
+    est = plateau.noise_scale_estimates(np.sum(batches**2, axis=1), float(np.sum(batches.mean(0) ** 2)), b)
+    grad_sq.append(est["grad_sq"])
+    trace.append(est["trace"])
+  se = lambda v: np.std(v) / np.sqrt(trials)
+  assert abs(np.mean(grad_sq) - np.sum(g**2)) < 4 * se(grad_sq)
+  assert abs(np.mean(trace) - np.sum(s_diag)) < 4 * se(trace)
+  assert abs(np.mean(trace) / np.mean(grad_sq) - np.sum(s_diag) / np.sum(g**2)) < 0.05 * np.sum(s_diag) / np.sum(g**2)
+  # With noise far above the gradient, |g|^2 can come out negative: the scale is then reported as inf.
+  assert plateau.noise_scale_estimates(np.array([1.0, 1.2]), 0.5, 4)["b_simple"] == float("inf")
+
+
+def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_shrinks_with_the_batch(tmp_path):
+  """On a real tiny model: the groups' |G|^2 and tr(S) add up to the whole's, and the spread of the M batch
+  gradients around their mean (mean |G_i|^2 - |mean G_i|^2 = tr(S) (1/b - 1/(M b))) is smaller at 4x the batch."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  cd = tiny.get_config()
+  cd.mesh.shape = (1, 1, 1)
+  vocab, length = 24, cd.data.seq_len
+  train = rng.integers(0, vocab, (256, length)).astype(np.int32)
+  corpus = pipeline.Corpus(train=train, val=train[:16], vocab_size=vocab, tokenizer=None,
+                           unigram_counts=np.bincount(train.reshape(-1), minlength=vocab).astype(np.float64),
+                           info={"source": "synthetic"})
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  spread = {}
+  for b in (4, 16):
+    rows = jnp.asarray(corpus.train[:8 * b].reshape(8, b, length))
+    est = plateau.gradient_noise_scale(run, run.state, rows, jax.random.key(1))
+    assert set(est) == {"denoiser", "embedding", "all"}
+    for k in ("grad_sq", "trace"):
+      np.testing.assert_allclose(est["all"][k], est["denoiser"][k] + est["embedding"][k], rtol=1e-9)
+    spread[b] = est["all"]["trace"] * (1 / b - 1 / (8 * b))
+  assert spread[16] < spread[4]

@@ -6,6 +6,10 @@ at chosen steps on a fixed subset with common random numbers, so that runs of
 different variants at the same seed are paired; optionally with the
 per-noise-level diagnostic of `replaid_jax.eval.diagnostics`.
 `fixed_level_probe` trains the denoiser alone at one noise level.
+`gradient_noise_scale` measures how noisy a step's gradient is against the
+gradient itself (McCandlish et al.'s simple noise scale, the batch size at
+which the two are equal), so that objectives can be compared by how far a
+batch is from its critical size.
 """
 
 import dataclasses
@@ -42,20 +46,24 @@ class CurvePoint:
 def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_steps: Sequence[int],
                 eval_rows: int = 256, eval_times: int = 2, eval_seed: int = 1234,
                 on_point: Callable[[CurvePoint], None] | None = None,
-                diagnostics_at: Sequence[int] = (), chunk: int = 25) -> dict[str, Any]:
+                diagnostics_at: Sequence[int] = (), chunk: int = 25, noise_batches: int = 0) -> dict[str, Any]:
   """Trains `cd` for max(eval_steps) steps on one device and returns its bound at each eval step.
 
   The bound is the objective's own per-sequence estimator on the first
   `eval_rows` validation rows with K = `eval_times` and a fixed key
   (`eval_seed`): the same draws for every run, so differences between variants
   are paired. Training metrics are averaged over the steps since the last point.
+  With `noise_batches` = M > 1, each point also has the gradient noise scale of
+  the training estimator (`gradient_noise_scale`, M batches of the training
+  batch size from a fixed set of training rows) under "noise/...".
   """
   c, run = _build_one_device(cd, corpus, eval_steps)
   steps_fn = _multi_step_fn(run, c)
   base_key = jax.random.key(c.seed)
   it = pipeline.train_iterator(corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=0,
                                process_count=1, num_workers=0)
-  curve = _Curve(run, c, corpus, eval_rows=eval_rows, eval_times=eval_times, eval_seed=eval_seed, on_point=on_point)
+  curve = _Curve(run, c, corpus, eval_rows=eval_rows, eval_times=eval_times, eval_seed=eval_seed, on_point=on_point,
+                 noise_batches=noise_batches)
   state = run.state
   acc, n_acc = {}, 0
   targets = sorted(set(eval_steps))
@@ -113,8 +121,15 @@ class _Curve:
   """The measurements of `train_curve`: its points, its per-noise-level diagnostics and its time since setup."""
 
   def __init__(self, run: Any, c: config_lib.Config, corpus: pipeline.Corpus, *, eval_rows: int, eval_times: int,
-               eval_seed: int, on_point: Callable[[CurvePoint], None] | None):
+               eval_seed: int, on_point: Callable[[CurvePoint], None] | None, noise_batches: int = 0):
     self.run, self.c, self.eval_seed, self.on_point = run, c, eval_seed, on_point
+    self.noise_rows = None
+    if noise_batches:
+      if noise_batches < 2:
+        raise ValueError(f"the gradient noise scale needs at least 2 batches, got noise_batches={noise_batches}")
+      b = c.train.batch_size
+      pick = np.random.default_rng(eval_seed + 2).choice(corpus.train.shape[0], noise_batches * b, replace=False)
+      self.noise_rows = jnp.asarray(corpus.train[pick].reshape(noise_batches, b, -1), jnp.int32)
     self.bound_fn = bound_lib.make_bound_fn(run.objective, num_times=eval_times)
     self.val = corpus.val[:eval_rows]
     self.eval_key = jax.random.key(eval_seed)
@@ -131,6 +146,9 @@ class _Curve:
     train = {k: v / n_acc for k, v in acc.items()}
     if self.run.objective.learned_embeddings:
       train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
+    if self.noise_rows is not None:
+      noise = gradient_noise_scale(self.run, state, self.noise_rows, jax.random.key(self.eval_seed + 3))
+      train.update({f"noise/{k}_{group}": v for group, est in noise.items() for k, v in est.items()})
     point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - self.t0, train)
     self.points.append(point)
     if self.on_point:
@@ -145,6 +163,60 @@ class _Curve:
   def result(self) -> dict[str, Any]:
     return {"unigram": self.unigram, "points": [dataclasses.asdict(p) for p in self.points],
             "diagnostics": self.diagnostics, "seconds": time.time() - self.t0}
+
+
+def noise_scale_estimates(sq_norms_M: np.ndarray, sq_norm_mean: float, batch: int) -> dict[str, float]:
+  """McCandlish et al.'s unbiased estimates from M independent gradient estimates G_i of batch size b.
+
+  `sq_norms_M` holds |G_i|^2 and `sq_norm_mean` |mean_i G_i|^2 (an estimate at batch M b). With
+  E|G_B|^2 = |G|^2 + tr(S)/B for the per-example covariance S:
+    |G|^2 ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small),
+    tr(S) ~ (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big),
+  and the simple noise scale B_simple = tr(S) / |G|^2, the batch size at which the gradient's noise and its
+  squared norm are equal. Each estimate is unbiased; their ratio is not, and |G|^2 can come out negative when
+  the noise dominates (then B_simple is reported as inf).
+  """
+  m = len(sq_norms_M)
+  small, big = batch, m * batch
+  g_small = float(np.mean(sq_norms_M))
+  grad_sq = (big * sq_norm_mean - small * g_small) / (big - small)
+  trace = (g_small - sq_norm_mean) / (1.0 / small - 1.0 / big)
+  return {"grad_sq": grad_sq, "trace": trace, "b_simple": trace / grad_sq if grad_sq > 0 else float("inf")}
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "groups"))
+def _batch_grads(objective, groups, state, rows_MBL, key):
+  """The objective's training gradient of each batch in rows_MBL [M, B, L], each with its own setup and noise."""
+  def one(i):
+    k_setup, k_noise = jax.random.split(jax.random.fold_in(key, i))
+    setup = objective.setup(state, rows_MBL.shape[1], k_setup)
+    _, _, g = objective.loss_and_grads(state.params, rows_MBL[i], setup, k_noise)
+    return {name: g[name] for name in groups if name in g}
+  return jax.lax.map(one, jnp.arange(rows_MBL.shape[0]))
+
+
+def gradient_noise_scale(run: Any, state: step_lib.TrainState, rows_MBL: jax.Array, key: jax.Array,
+                         groups: Sequence[str] = ("denoiser", "embedding")) -> dict[str, dict[str, float]]:
+  """The simple noise scale of the training gradient at `state`, per parameter group and over `groups` together.
+
+  Each of the M batches in `rows_MBL` [M, B, L] gets its own draw of the objective's per-step setup (times, row
+  roles) and noise, exactly as a training step would, so the noise measured is the estimator's whole noise: the
+  data, the times and the Gaussian draws. The schedule's and the bounds' gradients follow other rules
+  (the schedule minimises the estimator's variance), so they are left out by default.
+  """
+  m, b = rows_MBL.shape[:2]
+  stacked = jax.device_get(_batch_grads(run.objective, tuple(groups), state, rows_MBL, key))  # {group: [M, ...]}
+  def sq(tree, axis=None):
+    return sum(np.sum(np.square(np.asarray(x, np.float64)), axis=axis) for x in jax.tree.leaves(tree))
+  out, per_batch_all, mean_all = {}, np.zeros(m), 0.0
+  for name, tree in stacked.items():
+    flat = jax.tree.map(lambda x: np.asarray(x, np.float64).reshape(m, -1), tree)
+    per_batch = sq(flat, axis=1)
+    mean_sq = sq(jax.tree.map(lambda x: x.mean(0), flat))
+    out[name] = noise_scale_estimates(per_batch, mean_sq, b)
+    per_batch_all, mean_all = per_batch_all + per_batch, mean_all + mean_sq
+  out["all"] = noise_scale_estimates(per_batch_all, mean_all, b)
+  return out
 
 
 def fixed_level_probe(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, gamma: float, steps: int,
