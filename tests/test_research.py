@@ -223,6 +223,9 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
   for name in ("replaid", "ar"):  # the gradient noise scale at every point, for any objective
     for p in json.loads((study / name / "seed0.json").read_text())["points"]:
       assert p["train"]["noise/trace_all"] > 0 and np.isfinite(p["train"]["noise/grad_sq_all"]), p["train"]
+    # The AR loss has no draws of its own: given the rows, its gradient is exact.
+    exact = abs(p["train"]["noise_draws/trace_all"]) < 1e-9 * p["train"]["noise/trace_all"]
+    assert exact == (name == "ar"), p["train"]
   assert "| replaid | 1 |" in (study / "report.md").read_text()
   assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Rerunning skips finished runs; a probe reports every min(steps) steps.

@@ -55,7 +55,10 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   are paired. Training metrics are averaged over the steps since the last point.
   With `noise_batches` = M > 1, each point also has the gradient noise scale of
   the training estimator (`gradient_noise_scale`, M batches of the training
-  batch size from a fixed set of training rows) under "noise/...".
+  batch size from a fixed set of training rows) under "noise/...", and under
+  "noise_draws/..." the same with one batch of rows repeated M times: the part
+  of the noise that comes from the estimator's own draws (times, Gaussians,
+  row roles) rather than from the data.
   """
   c, run = _build_one_device(cd, corpus, eval_steps)
   steps_fn = _multi_step_fn(run, c)
@@ -147,8 +150,12 @@ class _Curve:
     if self.run.objective.learned_embeddings:
       train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
     if self.noise_rows is not None:
-      noise = gradient_noise_scale(self.run, state, self.noise_rows, jax.random.key(self.eval_seed + 3))
-      train.update({f"noise/{k}_{group}": v for group, est in noise.items() for k, v in est.items()})
+      # Fresh rows in every batch (the whole noise), then one batch of rows M times (the noise of the estimator's
+      # own draws, times and Gaussians, given the data).
+      same = jnp.broadcast_to(self.noise_rows[:1], self.noise_rows.shape)
+      for label, rows in (("noise", self.noise_rows), ("noise_draws", same)):
+        noise = gradient_noise_scale(self.run, state, rows, jax.random.key(self.eval_seed + 3))
+        train.update({f"{label}/{k}_{group}": v for group, est in noise.items() for k, v in est.items()})
     point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - self.t0, train)
     self.points.append(point)
     if self.on_point:
