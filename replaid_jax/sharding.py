@@ -67,12 +67,16 @@ def _fits(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> PartitionS
   return PartitionSpec(*out)
 
 
+def is_logical_axes(x) -> bool:
+  """True for one parameter's logical axes (a tuple of axis names or None): the leaves of an axes tree."""
+  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
 def param_shardings(values: PyTree, axes: PyTree, rules, mesh: Mesh) -> PyTree:
   """NamedShardings for a parameter tree (values may be arrays or ShapeDtypeStructs)."""
   def one(v, ax):
     return NamedSharding(mesh, _fits(v.shape, logical_to_spec(ax, rules, mesh), mesh))
-  return jax.tree.map(one, values, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
-      isinstance(a, (str, type(None))) for a in x))
+  return jax.tree.map(one, values, axes, is_leaf=is_logical_axes)
 
 
 def derived_shardings(fn, abstract_params: PyTree, params_sh: PyTree, mesh: Mesh) -> PyTree:

@@ -12,6 +12,8 @@ schedule, fixed bounds) get no update at all.
 import jax
 import optax
 
+from replaid_jax import sharding
+
 GROUPS = {"denoiser": "backbone", "embedding": "embedding", "schedule": "schedule", "bounds": "bounds"}
 
 
@@ -34,14 +36,10 @@ def lr_schedule(peak: float, *, warmup: int, total: int, decay: str, final_fract
 STACK_AXIS = "layers"  # the logical axis the blocks' parameters are stacked on
 
 
-def _is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
-
-
 def matrix_mask(axes):
   """The weight-decay mask of a parameter tree, from its logical axes (the same tree, a tuple of axis names per
   parameter): True where the parameter has two or more axes besides the "layers" stacking axis."""
-  return jax.tree.map(lambda ax: sum(a != STACK_AXIS for a in ax) >= 2, axes, is_leaf=_is_axes)
+  return jax.tree.map(lambda ax: sum(a != STACK_AXIS for a in ax) >= 2, axes, is_leaf=sharding.is_logical_axes)
 
 
 def _decay_mask(axes):
