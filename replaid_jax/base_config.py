@@ -100,6 +100,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t = c.train = ml_collections.ConfigDict()
   t.batch_size = 16  # global batch (sequences per optimizer step)
   t.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+  t.draws_per_sequence = 1  # K > 1 tiles each batch K times: K lattice times and noises per sequence, K x compute
   t.num_steps = 1000  # optimizer steps (ignored when max_minutes ends the run first)
   t.max_minutes = 0.0  # wall-clock budget in minutes, 0 for none; the run ends with a final eval
   # train.size_to_minutes measures the speed over the run's first real steps (up to 20, while they are warm-up steps,

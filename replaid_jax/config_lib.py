@@ -103,6 +103,7 @@ class OptimConfig:
 class TrainConfig:
   batch_size: int
   grad_accum_steps: int
+  draws_per_sequence: int
   num_steps: int
   max_minutes: float
   size_to_minutes: float
@@ -242,7 +243,7 @@ def validate(c: Config) -> None:
   _choice("optim.decay", c.optim.decay, ("cosine", "linear", "constant"))
   validate_sample(c.sample)
   for key in ("model.width", "model.num_layers", "model.num_heads", "model.embed_dim", "train.batch_size",
-              "train.grad_accum_steps", "eval.batch_size", "eval.num_times", "optim.lr"):
+              "train.grad_accum_steps", "train.draws_per_sequence", "eval.batch_size", "eval.num_times", "optim.lr"):
     section, field = key.split(".")
     _positive(key, getattr(getattr(c, section), field))
   if m.width % m.num_heads or (m.width // m.num_heads) % 2:
@@ -311,7 +312,7 @@ def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
 # run is started with --allow_config_changes. Every other key (learning rates, schedule length, logging,
 # evaluation, checkpointing, mesh, sampling) may change; each change is listed in the log.
 FROZEN_ON_RESUME = ("objective", "seed", "model.", "diffusion.", "data.", "train.batch_size",
-                    "train.grad_accum_steps")
+                    "train.grad_accum_steps", "train.draws_per_sequence")
 _NOT_FROZEN = ("data.num_workers", "data.cache_dir")
 
 

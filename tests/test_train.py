@@ -96,6 +96,29 @@ def test_weight_decay_shrinks_the_matrices_and_not_the_stacked_vectors(block):
   assert any(np.any(p[n] != 0) for n in stacked_vectors)  # the LayerNorm scales are ones: a decay would show
 
 
+def test_k_draws_per_sequence_is_the_plain_step_on_the_batch_tiled_k_times():
+  """train.draws_per_sequence=2 on 8 sequences is a plain step on [x; x] (16 rows, tiled, not repeated row by row,
+  so a sequence's two lattice times lie half the lattice apart), through the compiled step of a built run."""
+  corpus = _synthetic_corpus()
+  tokens = corpus.train[:8]
+  out = {}
+  for name, draws, batch_size, rows in (("k2", 2, 8, tokens), ("tiled", 1, 16, np.tile(tokens, (2, 1))),
+                                        ("repeated", 1, 16, np.repeat(tokens, 2, axis=0))):
+    cd = _tiny_config(**{"mesh.shape": (1, 1, 1), "train.batch_size": batch_size,
+                         "train.draws_per_sequence": draws})
+    c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+    run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+    state, metrics = build_lib.compile_step(run)(run.state, build_lib.global_batch(run, {"tokens": rows}),
+                                                 jax.random.key(c.seed))
+    out[name] = (jax.device_get(state.params), float(metrics["loss"]))
+  assert out["k2"][1] == pytest.approx(out["tiled"][1], rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out["k2"][0], out["tiled"][0])
+  assert abs(out["k2"][1] - out["repeated"][1]) > 1e-4  # the row order matters, so the check above can fail
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="train.draws_per_sequence"):
+    config_lib.from_config_dict(_tiny_config(**{"train.draws_per_sequence": 0}))
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="not divisible by the 8 devices"):

@@ -103,7 +103,8 @@ def _build_one_device(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus,
 def _multi_step_fn(run: Any, c: config_lib.Config) -> Callable[..., Any]:
   """A jitted (state, batches [N, B, L], key) -> (state, metrics [N]) that applies N train steps (donating state)."""
   one_step = functools.partial(step_lib.train_step, tx=run.tx, objective=run.objective,
-                               grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay)
+                               grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay,
+                               draws_per_sequence=c.train.draws_per_sequence)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def steps_fn(state, batches, key):

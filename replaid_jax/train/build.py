@@ -116,6 +116,7 @@ def compile_step(run: Run):
   fn = functools.partial(
       step_lib.train_step, tx=run.tx, objective=run.objective,
       grad_accum_steps=c.train.grad_accum_steps, ema_decay=c.optim.ema_decay,
+      draws_per_sequence=c.train.draws_per_sequence,
   )
   fn = sharding_lib.with_activation_sharding(fn, run.mesh, c.mesh.rules)
   repl = sharding_lib.replicated(run.mesh)

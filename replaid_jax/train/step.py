@@ -84,13 +84,21 @@ def train_step(
     objective: objectives_base.Objective,
     grad_accum_steps: int,
     ema_decay: float,
+    draws_per_sequence: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step of `objective` (see `replaid_jax.objectives`) on a global batch.
 
   The objective's per-step setup (times, row roles, weights) is drawn once for
   the global batch and sliced into the accumulation micro-batches, whose losses
   and gradients add up to the step's.
+
+  With `draws_per_sequence` K > 1 the batch is tiled K times before the setup,
+  so each sequence is estimated at K times of the lattice (spread 1/K apart)
+  with independent noise: the same data, K times the estimator draws and the
+  compute (a variance-reduction study switch; K = 1 is the plain estimator).
   """
+  if draws_per_sequence > 1:
+    tokens_BL = jnp.tile(tokens_BL, (draws_per_sequence, 1))
   batch = tokens_BL.shape[0]
   k_setup, k_noise = jax.random.split(jax.random.fold_in(base_key, state.step))
   setup = objective.setup(state, batch, k_setup)
