@@ -99,6 +99,12 @@ def test_tiny_benchmark_reports_finite_positive_figures():
   assert r["num_params"] > 0 and r["batch_size"] == 8 and r["seq_len"] == 32 and r["vocab_size"] == 512
   assert math.isfinite(r["final_loss"])
   assert benchmark.summary_line(r) and "MFU" in benchmark.summary_table(r)
+  # Two estimator draws per sequence compute twice the rows: the step's analytic FLOPs double, the data do not.
+  cd = tiny.get_config()
+  cd.train.draws_per_sequence = 2
+  r2 = benchmark.run(cd, steps=1, warmup=0, peak="1e11", xla_flops=False)
+  assert r2["flops"]["per_step_analytic"] == pytest.approx(2 * f["per_step_analytic"], rel=1e-9)
+  assert r2["batch_size"] == 8
 
 
 def test_forward_only_benchmark():
