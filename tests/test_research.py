@@ -226,6 +226,8 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
     # The AR loss has no draws of its own: given the rows, its gradient is exact.
     exact = abs(p["train"]["noise_draws/trace_all"]) < 1e-9 * p["train"]["noise/trace_all"]
     assert exact == (name == "ar"), p["train"]
+    for part in ("noise_eps", "noise_times"):  # each part of the draws alone: none for AR, some for RePlaid
+      assert (abs(p["train"][f"{part}/trace_all"]) < 1e-9 * p["train"]["noise/trace_all"]) == (name == "ar")
   assert "| replaid | 1 |" in (study / "report.md").read_text()
   assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Rerunning skips finished runs; a probe reports every min(steps) steps.
@@ -287,3 +289,12 @@ def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_sh
       np.testing.assert_allclose(est["all"][k], est["denoiser"][k] + est["embedding"][k], rtol=1e-9)
     spread[b] = est["all"]["trace"] * (1 / b - 1 / (8 * b))
   assert spread[16] < spread[4]
+  # One batch of rows repeated: with every draw shared the M gradients are one gradient (no noise); with only the
+  # Gaussians, or only the times and row roles, drawn afresh, each part alone is noise.
+  same = jnp.broadcast_to(jnp.asarray(corpus.train[:4]), (8, 4, length))
+  none = plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=("setup", "noise"))["all"]
+  assert abs(none["trace"]) <= 1e-9 * none["grad_sq"] and none["grad_sq"] > 0
+  for fixed in (("setup",), ("noise",)):
+    assert plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=fixed)["all"]["trace"] > 0
+  with pytest.raises(ValueError, match="times"):
+    plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=("times",))

@@ -58,7 +58,9 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   batch size from a fixed set of training rows) under "noise/...", and under
   "noise_draws/..." the same with one batch of rows repeated M times: the part
   of the noise that comes from the estimator's own draws (times, Gaussians,
-  row roles) rather than from the data.
+  row roles) rather than from the data; "noise_eps/..." and "noise_times/..."
+  split those draws into the Gaussians (masks, for MDLM and Duo) alone and the
+  times and row roles alone.
   """
   c, run = _build_one_device(cd, corpus, eval_steps)
   steps_fn = _multi_step_fn(run, c)
@@ -152,10 +154,12 @@ class _Curve:
       train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
     if self.noise_rows is not None:
       # Fresh rows in every batch (the whole noise), then one batch of rows M times (the noise of the estimator's
-      # own draws, times and Gaussians, given the data).
+      # own draws, times and Gaussians, given the data), then that with only the Gaussians (or masks) drawn
+      # afresh, and with only the times and row roles.
       same = jnp.broadcast_to(self.noise_rows[:1], self.noise_rows.shape)
-      for label, rows in (("noise", self.noise_rows), ("noise_draws", same)):
-        noise = gradient_noise_scale(self.run, state, rows, jax.random.key(self.eval_seed + 3))
+      for label, rows, fixed in (("noise", self.noise_rows, ()), ("noise_draws", same, ()),
+                                 ("noise_eps", same, ("setup",)), ("noise_times", same, ("noise",))):
+        noise = gradient_noise_scale(self.run, state, rows, jax.random.key(self.eval_seed + 3), fixed=fixed)
         train.update({f"{label}/{k}_{group}": v for group, est in noise.items() for k, v in est.items()})
     point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - self.t0, train)
     self.points.append(point)
@@ -192,11 +196,18 @@ def noise_scale_estimates(sq_norms_M: np.ndarray, sq_norm_mean: float, batch: in
   return {"grad_sq": grad_sq, "trace": trace, "b_simple": trace / grad_sq if grad_sq > 0 else float("inf")}
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "groups"))
-def _batch_grads(objective, groups, state, rows_MBL, key):
-  """The objective's training gradient of each batch in rows_MBL [M, B, L], each with its own setup and noise."""
+NOISE_PARTS = ("setup", "noise")  # the two keys of a training step's draws: times and row roles; Gaussians or masks
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "groups", "fixed"))
+def _batch_grads(objective, groups, state, rows_MBL, key, fixed=()):
+  """The objective's training gradient of each batch in rows_MBL [M, B, L], each with its own setup and noise.
+
+  A part named in `fixed` ("setup", "noise") is drawn with batch 0's key for every batch instead.
+  """
   def one(i):
-    k_setup, k_noise = jax.random.split(jax.random.fold_in(key, i))
+    k_setup, _ = jax.random.split(jax.random.fold_in(key, 0 if "setup" in fixed else i))
+    _, k_noise = jax.random.split(jax.random.fold_in(key, 0 if "noise" in fixed else i))
     setup = objective.setup(state, rows_MBL.shape[1], k_setup)
     _, _, g = objective.loss_and_grads(state.params, rows_MBL[i], setup, k_noise)
     return {name: g[name] for name in groups if name in g}
@@ -204,16 +215,24 @@ def _batch_grads(objective, groups, state, rows_MBL, key):
 
 
 def gradient_noise_scale(run: Any, state: step_lib.TrainState, rows_MBL: jax.Array, key: jax.Array,
-                         groups: Sequence[str] = ("denoiser", "embedding")) -> dict[str, dict[str, float]]:
+                         groups: Sequence[str] = ("denoiser", "embedding"),
+                         fixed: Sequence[str] = ()) -> dict[str, dict[str, float]]:
   """The simple noise scale of the training gradient at `state`, per parameter group and over `groups` together.
 
   Each of the M batches in `rows_MBL` [M, B, L] gets its own draw of the objective's per-step setup (times, row
   roles) and noise, exactly as a training step would, so the noise measured is the estimator's whole noise: the
   data, the times and the Gaussian draws. The schedule's and the bounds' gradients follow other rules
   (the schedule minimises the estimator's variance), so they are left out by default.
+  With `fixed` (a subset of NOISE_PARTS) those draws are shared by the M batches: on one batch of rows
+  repeated, fixing "setup" leaves the noise of the Gaussians (RePlaid) or masks (MDLM, Duo) alone, fixing
+  "noise" that of the times and row roles.
   """
   m, b = rows_MBL.shape[:2]
-  stacked = jax.device_get(_batch_grads(run.objective, tuple(groups), state, rows_MBL, key))  # {group: [M, ...]}
+  unknown = set(fixed) - set(NOISE_PARTS)
+  if unknown:
+    raise ValueError(f"fixed parts {sorted(unknown)} are not among {NOISE_PARTS}")
+  stacked = jax.device_get(_batch_grads(run.objective, tuple(groups), state, rows_MBL, key,
+                                        tuple(sorted(fixed))))  # {group: [M, ...]}
   def sq(tree, axis=None):
     return sum(np.sum(np.square(np.asarray(x, np.float64)), axis=axis) for x in jax.tree.leaves(tree))
   out, per_batch_all, mean_all = {}, np.zeros(m), 0.0
