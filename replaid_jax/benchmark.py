@@ -229,8 +229,7 @@ def _time_train_step(c, run_: build_lib.Run, batches: list, counts: _FlopCounts,
     return holder["state"], holder["m"]
 
   times = _timed(one, warmup, steps)
-  rows = c.train.batch_size * c.train.draws_per_sequence  # the rows computed, draws included
-  per_step, per_step_no_sc = flops_lib.train_flops_per_step(counts.forward, batch=rows,
+  per_step, per_step_no_sc = flops_lib.train_flops_per_step(counts.forward, batch=c.train.rows_per_step,
                                                             selfcond_fraction=counts.selfcond_fraction)
   loss = float(jax.device_get(holder["m"]["loss"]))
   return _Timed("train_step", compiled, compile_s, times, per_step, per_step_no_sc, loss)

@@ -113,6 +113,11 @@ class TrainConfig:
   peak_flops: float
   skip_nonfinite_steps: int
 
+  @property
+  def rows_per_step(self) -> int:
+    """Rows a step computes: the batch tiled train.draws_per_sequence times (FLOP counts use this)."""
+    return self.batch_size * self.draws_per_sequence
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:

@@ -162,7 +162,7 @@ class Session:
     fwd = flops_lib.config_forward_flops(c, token_input=run.objective.token_input)
     fwd_xla = flops_lib.xla_forward_flops(run.objective, run.state.params, c.data.seq_len)
     analytic, analytic_no_sc = flops_lib.train_flops_per_step(
-        fwd, batch=c.train.batch_size * c.train.draws_per_sequence,  # the rows computed, draws included
+        fwd, batch=c.train.rows_per_step,
         selfcond_fraction=c.diffusion.selfcond_fraction if run.objective.uses_selfcond_pass else 0.0)
     step_xla = flops_lib.compiled_flops(self.compiled)
     # Throughput uses the analytic count of the step (self-conditioning pass included). XLA's count of the
