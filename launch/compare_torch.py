@@ -186,12 +186,16 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
   import torch  # pylint: disable=g-import-not-at-top
 
   from replaid_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   from replaid_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
 
   if cd.objective != "replaid":
     raise ValueError(f"the PyTorch reference is RePlaid's model; got objective={cd.objective!r}.")
+  if cd.train.draws_per_sequence != 1:
+    raise errors.ConfigError("the PyTorch reference draws once per sequence; run the comparison with "
+                             f"train.draws_per_sequence=1 (got {cd.train.draws_per_sequence}).")
   if torch_threads:
     torch.set_num_threads(torch_threads)
   c, run_, batches = benchmark.synthetic_run(cd)

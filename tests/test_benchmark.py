@@ -153,6 +153,15 @@ def test_compare_torch_times_both_sides_of_the_same_shape(tmp_path):
   assert torch_params == den + 512 * 16 + 2, (torch_params, den)
 
 
+def test_compare_torch_refuses_more_than_one_draw_per_sequence():
+  """The PyTorch reference draws once per sequence: K draws would time unequal work, so it ends with one line."""
+  pytest.importorskip("torch")
+  proc = subprocess.run([sys.executable, "launch/compare_torch.py", "--config=configs/tiny.py",
+                         "--config.train.draws_per_sequence=2"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 2 and "train.draws_per_sequence=1 (got 2)" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_run_writes_every_section(tmp_path):
   out = tmp_path / "check.json"
