@@ -276,6 +276,15 @@ def validate(c: Config) -> None:
         f"the micro-batch ({micro} = train.batch_size / train.grad_accum_steps) must be a multiple of "
         f"1/diffusion.selfcond_fraction = {period}."
     )
+  if d.antithetic_noise:
+    if c.objective != "replaid":
+      raise errors.ConfigError(f"diffusion.antithetic_noise is RePlaid's (Gaussian noise); objective={c.objective!r} "
+                               "has none. Set diffusion.antithetic_noise=False.")
+    if t.draws_per_sequence % 2 or t.grad_accum_steps != 1:
+      raise errors.ConfigError(
+          "diffusion.antithetic_noise pairs the draws of each sequence (eps, -eps): it needs an even "
+          f"train.draws_per_sequence (got {t.draws_per_sequence}) and train.grad_accum_steps=1 "
+          f"(got {t.grad_accum_steps}).")
   if not 0 < d.recon_fraction < 1:
     raise errors.ConfigError(f"diffusion.recon_fraction must lie in (0, 1), got {d.recon_fraction}.")
   if t.batch_size < 2:

@@ -33,7 +33,7 @@ TINY_MODEL = model_lib.ModelConfig(
 TINY_DIFFUSION = elbo.DiffusionConfig(
     gamma_0=-3.0, gamma_1=6.0, schedule="learned", learn_bounds=True, selfcond_fraction=0.25, output_prior=True,
     output_prior_warmup_steps=0, recon_split="adaptive", recon_fraction=0.125, loss_stats_decay=0.997,
-    learn_embeddings=True, aux_ce_weight=0.0, mdlm_train_loss="low_var",
+    learn_embeddings=True, aux_ce_weight=0.0, mdlm_train_loss="low_var", antithetic_noise=False,
 )
 
 

@@ -298,3 +298,16 @@ def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_sh
     assert plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=fixed)["all"]["trace"] > 0
   with pytest.raises(ValueError, match="times"):
     plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=("times",))
+  # With 2 draws per sequence each batch is tiled as a training step tiles it, so the gradients are the K = 1 run's
+  # on the batch tiled twice: the same |G|^2, and half the trace per sequence (b = 4 sequences, not 8 rows).
+  cd.train.draws_per_sequence = 2
+  run2 = build_lib.build(build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus), corpus,
+                         devices=jax.devices()[:1])
+  rows = jnp.asarray(corpus.train[:32].reshape(8, 4, length))
+  cd.train.draws_per_sequence = 1
+  run1 = build_lib.build(build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus), corpus,
+                         devices=jax.devices()[:1])
+  k2 = plateau.gradient_noise_scale(run2, run2.state, rows, jax.random.key(1))["all"]
+  k1 = plateau.gradient_noise_scale(run1, run1.state, jnp.tile(rows, (1, 2, 1)), jax.random.key(1))["all"]
+  np.testing.assert_allclose(k2["grad_sq"], k1["grad_sq"], rtol=1e-5)
+  np.testing.assert_allclose(k2["trace"], k1["trace"] / 2, rtol=1e-5)

@@ -119,6 +119,53 @@ def test_k_draws_per_sequence_is_the_plain_step_on_the_batch_tiled_k_times():
     config_lib.from_config_dict(_tiny_config(**{"train.draws_per_sequence": 0}))
 
 
+def test_antithetic_draws_are_the_mean_of_two_plain_estimates_with_eps_and_minus_eps():
+  """diffusion.antithetic_noise with 2 draws on 8 sequences: the compiled step's loss and per-group gradient norms
+  equal the mean of two plain estimates on the 8 sequences, one plan (times, roles) for both, with noises eps and
+  -eps, each of them unbiased; a lattice K = 2 step on the same key differs, so the check can fail."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  from replaid_jax.diffusion import elbo  # pylint: disable=g-import-not-at-top
+  from replaid_jax.diffusion import time_sampling  # pylint: disable=g-import-not-at-top
+  from replaid_jax.objectives import replaid  # pylint: disable=g-import-not-at-top
+  corpus = _synthetic_corpus()
+  tokens = corpus.train[:8]
+  metrics = {}
+  for name, antithetic in (("antithetic", True), ("lattice", False)):
+    cd = _tiny_config(**{"mesh.shape": (1, 1, 1), "train.batch_size": 8, "train.draws_per_sequence": 2,
+                         "diffusion.antithetic_noise": antithetic, "diffusion.output_prior_warmup_steps": 0})
+    c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+    run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+    if antithetic:
+      c_anti, state = c, jax.device_get(run.state)  # the compiled step donates its state
+    _, m = build_lib.compile_step(run)(run.state, build_lib.global_batch(run, {"tokens": tokens}),
+                                       jax.random.key(c.seed))
+    metrics[name] = jax.device_get(m)
+  d = c_anti.diffusion
+  k_setup, k_noise = jax.random.split(jax.random.fold_in(jax.random.key(c_anti.seed), state.step))
+  n_recon = replaid.recon_rows(state.loss_stats, d, 8)
+  plan = time_sampling.train_plan(k_setup, 8, n_recon, time_sampling.selfcond_period(d.selfcond_fraction))
+  weights = elbo.Weights(n_recon=n_recon.astype(np.float32), n_diff=(8 - n_recon).astype(np.float32),
+                         n_rows=np.float32(8))
+  eps = jax.random.normal(k_noise, tokens.shape + (c_anti.model.embed_dim,))
+  halves = [elbo.loss_and_grads(state.params, tokens, plan, jax.random.key(99), weights, model_cfg=c_anti.model,
+                                cfg=dataclasses.replace(d, antithetic_noise=False),
+                                pscale=elbo.prior_scale(d, state.step), noise=sign * eps) for sign in (1.0, -1.0)]
+  mean_loss = 0.5 * (float(halves[0][0]) + float(halves[1][0]))
+  mean_grads = jax.tree.map(lambda a, b: 0.5 * (a + b), halves[0][2], halves[1][2])
+  assert float(metrics["antithetic"]["loss"]) == pytest.approx(mean_loss, rel=1e-5)
+  for group, g in mean_grads.items():
+    assert float(metrics["antithetic"][f"grad_norm_{group}"]) == pytest.approx(
+        float(optax.tree_utils.tree_norm(g)), rel=1e-4), group
+  assert abs(float(halves[0][0]) - float(halves[1][0])) > 1e-4  # eps and -eps give different estimates
+  assert abs(float(metrics["lattice"]["loss"]) - mean_loss) > 1e-4
+  for bad, match in (({"objective": "mdlm"}, "objective='mdlm'"), ({"train.draws_per_sequence": 1}, "even"),
+                     ({"train.draws_per_sequence": 2, "train.grad_accum_steps": 2}, "grad_accum_steps=1")):
+    with pytest.raises(errors.ConfigError, match=match):
+      config_lib.from_config_dict(_tiny_config(**{"diffusion.antithetic_noise": True, **bad}))
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="not divisible by the 8 devices"):

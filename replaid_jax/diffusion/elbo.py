@@ -55,6 +55,7 @@ class DiffusionConfig:
   learn_embeddings: bool
   aux_ce_weight: float
   mdlm_train_loss: str
+  antithetic_noise: bool
 
 
 @flax.struct.dataclass
@@ -75,6 +76,18 @@ class Weights:
   n_recon: jax.Array
   n_diff: jax.Array
   n_rows: jax.Array
+
+
+def antithetic_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal rows [eps; -eps]: the second half of the rows is the first half negated.
+
+  Every row is marginally N(0, I), so each row's term keeps its expectation; a pair's
+  terms cancel in what is odd in eps (the first-order part of the loss at low noise).
+  """
+  if shape[0] % 2:
+    raise ValueError(f"antithetic noise needs an even number of rows, got {shape[0]}")
+  eps = jax.random.normal(key, (shape[0] // 2,) + tuple(shape[1:]), jnp.float32)
+  return jnp.concatenate([eps, -eps], axis=0)
 
 
 def prior_scale(cfg: DiffusionConfig, step: jax.Array) -> jax.Array:
@@ -187,8 +200,12 @@ def loss_and_grads(
     model_cfg: model_lib.ModelConfig,
     cfg: DiffusionConfig,
     pscale: jax.Array,
+    noise: jax.Array | None = None,
 ) -> tuple[jax.Array, Terms, dict]:
   """(loss, per-example terms, gradients) under the gradient rule of the module docstring.
+
+  The Gaussians are `noise` [B, L, d_e] when given, else drawn from `key`: with
+  `cfg.antithetic_noise` as `antithetic_normal` (rows B/2.. negate rows ..B/2).
 
   1. gamma~(t_i), gamma~'(t_i) and their VJP in the schedule parameters phi;
   2. one VJP of the weighted loss in everything else and in those values;
@@ -205,10 +222,13 @@ def loss_and_grads(
       lambda s: noise_schedule.gamma_tilde_and_deriv(s, plan.t, cfg.schedule), sched
   )
 
+  if noise is None and cfg.antithetic_noise:
+    noise = antithetic_normal(key, tokens_BL.shape + (model_cfg.embed_dim,))
+
   def objective(rest, gt, dgt):
     terms = per_example_terms(
         {**rest, "schedule": sg(sched)}, gt, dgt, tokens_BL, plan, key,
-        model_cfg=model_cfg, cfg=cfg, pscale=pscale,
+        model_cfg=model_cfg, cfg=cfg, pscale=pscale, noise=noise,
     )
     return weighted_loss(terms, weights, cfg.aux_ce_weight), terms
 

@@ -23,6 +23,13 @@ class Plan:
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size)
     return Plan(take(self.t), take(self.is_recon), take(self.is_sc), self.sc_offset, self.sc_period)
 
+  def tiled(self, k: int) -> "Plan":
+    """The plan's rows repeated k times in blocks (a row's role and time recur every B rows)."""
+    if self.sc_period and self.t.shape[0] % self.sc_period:
+      raise ValueError(f"a plan of {self.t.shape[0]} rows does not tile with self-conditioning period {self.sc_period}")
+    tile = lambda x: jnp.tile(x, k)
+    return Plan(tile(self.t), tile(self.is_recon), tile(self.is_sc), self.sc_offset, self.sc_period)
+
 
 def lattice(k: jax.Array | int, u: jax.Array, n: int) -> jax.Array:
   """t = (k + u) / n: the point at offset u in [0, 1) of cell k of the n equal cells of [0, 1).

@@ -60,9 +60,16 @@ class RePlaid(base.Objective):
     return tuple(frozen)
 
   def setup(self, state, batch, key):
+    # With antithetic noise the rows come in pairs (r, r + B/2) that share a time and a role and draw
+    # eps and -eps (`elbo.antithetic_normal`): one plan over B/2 rows, tiled twice.
     cfg = self.c.diffusion
-    n_recon = recon_rows(state.loss_stats, cfg, batch)
-    plan = time_sampling.train_plan(key, batch, n_recon, time_sampling.selfcond_period(cfg.selfcond_fraction))
+    copies = 2 if cfg.antithetic_noise else 1
+    n_recon = recon_rows(state.loss_stats, cfg, batch // copies)
+    plan = time_sampling.train_plan(key, batch // copies, n_recon,
+                                    time_sampling.selfcond_period(cfg.selfcond_fraction))
+    if copies > 1:
+      plan = plan.tiled(copies)
+      n_recon = copies * n_recon
     weights = elbo.Weights(n_recon=n_recon.astype(jnp.float32), n_diff=(batch - n_recon).astype(jnp.float32),
                            n_rows=jnp.asarray(batch, jnp.float32))
     return Setup(plan, weights, elbo.prior_scale(cfg, state.step))

@@ -199,17 +199,19 @@ def noise_scale_estimates(sq_norms_M: np.ndarray, sq_norm_mean: float, batch: in
 NOISE_PARTS = ("setup", "noise")  # the two keys of a training step's draws: times and row roles; Gaussians or masks
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "groups", "fixed"))
-def _batch_grads(objective, groups, state, rows_MBL, key, fixed=()):
-  """The objective's training gradient of each batch in rows_MBL [M, B, L], each with its own setup and noise.
+@functools.partial(jax.jit, static_argnames=("objective", "groups", "fixed", "draws"))
+def _batch_grads(objective, groups, state, rows_MBL, key, fixed=(), draws=1):
+  """The objective's training gradient of each batch in rows_MBL [M, B, L] (tiled `draws` times, as the training
+  step tiles it), each with its own setup and noise.
 
   A part named in `fixed` ("setup", "noise") is drawn with batch 0's key for every batch instead.
   """
   def one(i):
     k_setup, _ = jax.random.split(jax.random.fold_in(key, 0 if "setup" in fixed else i))
     _, k_noise = jax.random.split(jax.random.fold_in(key, 0 if "noise" in fixed else i))
-    setup = objective.setup(state, rows_MBL.shape[1], k_setup)
-    _, _, g = objective.loss_and_grads(state.params, rows_MBL[i], setup, k_noise)
+    rows = jnp.tile(rows_MBL[i], (draws, 1))
+    setup = objective.setup(state, rows.shape[0], k_setup)
+    _, _, g = objective.loss_and_grads(state.params, rows, setup, k_noise)
     return {name: g[name] for name in groups if name in g}
   return jax.lax.map(one, jnp.arange(rows_MBL.shape[0]))
 
@@ -226,13 +228,15 @@ def gradient_noise_scale(run: Any, state: step_lib.TrainState, rows_MBL: jax.Arr
   With `fixed` (a subset of NOISE_PARTS) those draws are shared by the M batches: on one batch of rows
   repeated, fixing "setup" leaves the noise of the Gaussians (RePlaid) or masks (MDLM, Duo) alone, fixing
   "noise" that of the times and row roles.
+  With `train.draws_per_sequence` K > 1 each batch is tiled K times, as the step tiles it, and the estimates stay
+  per sequence (b = B): tr(S) is then the noise of a sequence's mean over its K draws.
   """
   m, b = rows_MBL.shape[:2]
   unknown = set(fixed) - set(NOISE_PARTS)
   if unknown:
     raise ValueError(f"fixed parts {sorted(unknown)} are not among {NOISE_PARTS}")
   stacked = jax.device_get(_batch_grads(run.objective, tuple(groups), state, rows_MBL, key,
-                                        tuple(sorted(fixed))))  # {group: [M, ...]}
+                                        tuple(sorted(fixed)), run.config.train.draws_per_sequence))  # {group: [M, ...]}
   def sq(tree, axis=None):
     return sum(np.sum(np.square(np.asarray(x, np.float64)), axis=axis) for x in jax.tree.leaves(tree))
   out, per_batch_all, mean_all = {}, np.zeros(m), 0.0
