@@ -296,6 +296,14 @@ def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_sh
   assert abs(none["trace"]) <= 1e-9 * none["grad_sq"] and none["grad_sq"] > 0
   for fixed in (("setup",), ("noise",)):
     assert plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=fixed)["all"]["trace"] > 0
+  # The same sequences in fresh orders with every draw shared: only the pairing of sequences and lattice cells
+  # (time, role, Gaussians) moves, and that alone is noise; the orders are permutations of the one batch.
+  shuffled = plateau.shuffled_batches(jnp.asarray(corpus.train[:4]), 8, np.random.default_rng(0))
+  np.testing.assert_array_equal(np.sort(np.asarray(shuffled), axis=1),
+                                np.broadcast_to(np.sort(corpus.train[:4], axis=0), (8, 4, length)))
+  assert len({np.asarray(r).tobytes() for r in shuffled}) > 1
+  assert plateau.gradient_noise_scale(run, run.state, shuffled, jax.random.key(1),
+                                      fixed=("setup", "noise"))["all"]["trace"] > 0
   with pytest.raises(ValueError, match="times"):
     plateau.gradient_noise_scale(run, run.state, same, jax.random.key(1), fixed=("times",))
   # With 2 draws per sequence each batch is tiled as a training step tiles it, so the gradients are the K = 1 run's

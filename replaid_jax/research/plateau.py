@@ -60,7 +60,9 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   of the noise that comes from the estimator's own draws (times, Gaussians,
   row roles) rather than from the data; "noise_eps/..." and "noise_times/..."
   split those draws into the Gaussians (masks, for MDLM and Duo) alone and the
-  times and row roles alone.
+  times and row roles alone; "noise_shuffled/..." is that batch's sequences in
+  a fresh order in every batch, so that which sequence sits in which lattice
+  cell is drawn too: the whole noise less the part of which sequences are drawn.
   """
   c, run = _build_one_device(cd, corpus, eval_steps)
   steps_fn = _multi_step_fn(run, c)
@@ -136,6 +138,7 @@ class _Curve:
       b = c.train.batch_size
       pick = np.random.default_rng(eval_seed + 2).choice(corpus.train.shape[0], noise_batches * b, replace=False)
       self.noise_rows = jnp.asarray(corpus.train[pick].reshape(noise_batches, b, -1), jnp.int32)
+      self.shuffled_rows = shuffled_batches(self.noise_rows[0], noise_batches, np.random.default_rng(eval_seed + 4))
     self.bound_fn = bound_lib.make_bound_fn(run.objective, num_times=eval_times)
     self.val = corpus.val[:eval_rows]
     self.eval_key = jax.random.key(eval_seed)
@@ -154,11 +157,14 @@ class _Curve:
       train.update(diagnostics.embedding_separation(jax.device_get(state.params)))
     if self.noise_rows is not None:
       # Fresh rows in every batch (the whole noise), then one batch of rows M times (the noise of the estimator's
-      # own draws, times and Gaussians, given the data), then that with only the Gaussians (or masks) drawn
-      # afresh, and with only the times and row roles.
+      # own draws, times and Gaussians, given the data and which row holds which sequence), then that with only
+      # the Gaussians (or masks) drawn afresh, and with only the times and row roles; and the one batch's
+      # sequences in a fresh order in every batch with fresh draws (the draws' noise with the pairing of
+      # sequences and lattice cells drawn too: the whole noise less that of which sequences are in the batch).
       same = jnp.broadcast_to(self.noise_rows[:1], self.noise_rows.shape)
       for label, rows, fixed in (("noise", self.noise_rows, ()), ("noise_draws", same, ()),
-                                 ("noise_eps", same, ("setup",)), ("noise_times", same, ("noise",))):
+                                 ("noise_eps", same, ("setup",)), ("noise_times", same, ("noise",)),
+                                 ("noise_shuffled", self.shuffled_rows, ())):
         noise = gradient_noise_scale(self.run, state, rows, jax.random.key(self.eval_seed + 3), fixed=fixed)
         train.update({f"{label}/{k}_{group}": v for group, est in noise.items() for k, v in est.items()})
     point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - self.t0, train)
@@ -175,6 +181,13 @@ class _Curve:
   def result(self) -> dict[str, Any]:
     return {"unigram": self.unigram, "points": [dataclasses.asdict(p) for p in self.points],
             "diagnostics": self.diagnostics, "seconds": time.time() - self.t0}
+
+
+def shuffled_batches(rows_BL: jax.Array, m: int, rng: np.random.Generator) -> jax.Array:
+  """[m, B, L]: the B rows in m independent random orders (the first in the given order)."""
+  b = rows_BL.shape[0]
+  order = np.stack([np.arange(b)] + [rng.permutation(b) for _ in range(m - 1)])
+  return jnp.asarray(rows_BL)[order]
 
 
 def noise_scale_estimates(sq_norms_M: np.ndarray, sq_norm_mean: float, batch: int) -> dict[str, float]:
