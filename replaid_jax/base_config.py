@@ -61,9 +61,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.learn_embeddings = True  # train the embedding matrix (False: frozen at its random init, ablation)
   d.aux_ce_weight = 0.0  # weight of an auxiliary token CE on the diffusion rows (ablation; 0 = pure ELBO)
   d.mdlm_train_loss = "low_var"  # objective=mdlm: "low_var" (unweighted masked CE) or "elbo"; eval is the ELBO
-  # Study switch (objective=replaid, train.draws_per_sequence even): pair a sequence's draws at one time with
-  # noises eps and -eps (antithetic; unbiased, each row is still N(0, I)). False: independent draws on the lattice.
-  d.antithetic_noise = False
+  d.antithetic_noise = False  # study switch (replaid, even train.draws_per_sequence): draws in pairs eps, -eps at one time
 
   # ---- data.
   da = c.data = ml_collections.ConfigDict()

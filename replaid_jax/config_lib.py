@@ -277,7 +277,7 @@ def validate(c: Config) -> None:
         f"1/diffusion.selfcond_fraction = {period}."
     )
   if d.antithetic_noise:
-    if c.objective != "replaid":
+    if not objectives.REGISTRY[c.objective].learned_embeddings:
       raise errors.ConfigError(f"diffusion.antithetic_noise is RePlaid's (Gaussian noise); objective={c.objective!r} "
                                "has none. Set diffusion.antithetic_noise=False.")
     if t.draws_per_sequence % 2 or t.grad_accum_steps != 1:
