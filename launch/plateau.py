@@ -43,6 +43,9 @@ _DIAG = flags.DEFINE_string("diagnostics", "", "Steps at which the per-noise-lev
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
 _NOISE = flags.DEFINE_integer("noise_batches", 0, "At each step of --steps, also the gradient noise scale of the "
                               "training estimator from this many batches of fixed training rows (0: not measured).")
+_TIME_BINS = flags.DEFINE_integer("noise_by_time", 0, "At each step of --steps, also where along t the training "
+                                  "gradient is noisy, in this many cells of t (RePlaid; 0: not measured; "
+                                  "research.plateau.noise_by_time).")
 _PIN = flags.DEFINE_bool("pin", True, "Pin each run to one core with single-threaded XLA.")
 _REPORT = flags.DEFINE_bool("report", False, "Only summarise the runs in --out.")
 _REFERENCE = flags.DEFINE_string("reference", "", "Variant the report pairs every other variant with.")
@@ -116,7 +119,7 @@ def _run_one(spec: str, seed: int, out_file: str) -> None:
                       for p in pts], "unigram": 0.0}
   else:
     res = plateau.train_curve(cd, corpus, eval_steps=steps, on_point=show, diagnostics_at=diag,
-                              noise_batches=_NOISE.value)
+                              noise_batches=_NOISE.value, time_bins=_TIME_BINS.value)
   res.update(variant=name, overrides=overrides, seed=seed, base=_BASE.value)
   paths.write_text_atomic(out_file, json.dumps(res))
 
@@ -162,7 +165,8 @@ def _launch_all() -> None:
   print(f"{len(jobs)} run(s) to do", flush=True)
   running = []
   passthrough = [f"--base={_BASE.value}", f"--steps={_STEPS.value}", f"--diagnostics={_DIAG.value}",
-                 f"--out={_OUT.value}", f"--probe_loss={_PROBE_LOSS.value}", f"--noise_batches={_NOISE.value}"]
+                 f"--out={_OUT.value}", f"--probe_loss={_PROBE_LOSS.value}", f"--noise_batches={_NOISE.value}",
+                 f"--noise_by_time={_TIME_BINS.value}"]
   if _PROBE.value is not None:
     passthrough.append(f"--probe_gamma={_PROBE.value}")
   while jobs or running:

@@ -319,3 +319,63 @@ def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_sh
   k1 = plateau.gradient_noise_scale(run1, run1.state, jnp.tile(rows, (1, 2, 1)), jax.random.key(1))["all"]
   np.testing.assert_allclose(k2["grad_sq"], k1["grad_sq"], rtol=1e-5)
   np.testing.assert_allclose(k2["trace"], k1["trace"] / 2, rtol=1e-5)
+
+
+def test_the_noise_profile_along_t_matches_per_row_autodiff():
+  """research.plateau.noise_by_time on a real tiny model: each cell's per-row gradient moments and loss moments
+  equal those of per-row gradients taken by autodiff of the row's ELBO terms, with the same Gaussians; the best
+  time density is at least as good as the two objectives' optima."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from replaid_jax.diffusion import elbo  # pylint: disable=g-import-not-at-top
+  from replaid_jax.diffusion import time_sampling  # pylint: disable=g-import-not-at-top
+  from replaid_jax.models import noise_schedule  # pylint: disable=g-import-not-at-top
+  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  cd = tiny.get_config()
+  cd.mesh.shape = (1, 1, 1)
+  vocab, length = 24, cd.data.seq_len
+  train = rng.integers(0, vocab, (64, length)).astype(np.int32)
+  corpus = pipeline.Corpus(train=train, val=train[:8], vocab_size=vocab, tokenizer=None,
+                           unigram_counts=np.bincount(train.reshape(-1), minlength=vocab).astype(np.float64),
+                           info={"source": "synthetic"})
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
+  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  rows = jnp.asarray(train[:3])
+  key, bins, draws = jax.random.key(3), 2, 2
+  prof = plateau.noise_by_time(run, run.state, rows, key, bins=bins, draws=draws)
+  params = run.state.params
+  pscale = elbo.prior_scale(c.diffusion, run.state.step)
+  one = elbo.Weights(n_recon=jnp.float32(1), n_diff=jnp.float32(1), n_rows=jnp.float32(1))
+  for j in range(bins):
+    t = jnp.full((1,), (j + 0.5) / bins, jnp.float32)
+    plan = time_sampling.Plan(t=t, is_recon=jnp.zeros(1, bool), is_sc=jnp.zeros(1, bool), sc_offset=jnp.int32(0),
+                              sc_period=0)
+    eps = jax.random.normal(jax.random.fold_in(key, j), (draws, 3, length, c.model.embed_dim), jnp.float32)
+    gt, dgt = noise_schedule.gamma_tilde_and_deriv(params["schedule"], t, c.diffusion.schedule)
+
+    def row_loss(p, tokens, e):
+      terms = elbo.per_example_terms(p, gt, dgt, tokens[None], plan, key, model_cfg=c.model, cfg=c.diffusion,
+                                     pscale=pscale, noise=e[None])
+      return elbo.weighted_loss(terms, one), terms.diffusion[0]
+
+    grads, losses = [], []
+    for d in range(draws):
+      for r in range(3):
+        g, l = jax.grad(lambda p: row_loss(p, rows[r], eps[d, r]), has_aux=True)(params)
+        grads.append(np.concatenate([np.asarray(x, np.float64).ravel()
+                                     for name in ("denoiser", "embedding") for x in jax.tree.leaves(g[name])]))
+        losses.append(float(l))
+    grads, losses = np.stack(grads), np.array(losses)
+    np.testing.assert_allclose(prof["grad_second_moment"][j], np.mean(np.sum(grads ** 2, 1)), rtol=1e-3)
+    within = np.sum((grads - grads.mean(0)) ** 2) / (len(grads) - 1)
+    np.testing.assert_allclose(prof["grad_within"][j], within, rtol=1e-3)
+    np.testing.assert_allclose(prof["loss_mean"][j], losses.mean(), rtol=1e-4)
+    np.testing.assert_allclose(prof["loss_var"][j], losses.var(ddof=1), rtol=1e-3)
+    assert within > 0
+  assert prof["t"] == [0.25, 0.75]
+  best = prof["gain_grad_best"]
+  assert 0 < best <= min(prof["gain_grad_at_second_moment_optimum"], prof["gain_grad_at_loss_within_optimum"]) + 1e-12
+  assert 0 < prof["gain_second_moment"] <= 1 + 1e-12

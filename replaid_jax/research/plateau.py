@@ -24,7 +24,9 @@ import numpy as np
 
 from replaid_jax import config_lib
 from replaid_jax.data import pipeline
+from replaid_jax.diffusion import elbo
 from replaid_jax.diffusion import sampler
+from replaid_jax.diffusion import time_sampling
 from replaid_jax.eval import bound as bound_lib
 from replaid_jax.eval import diagnostics
 from replaid_jax.models import denoiser as denoiser_lib
@@ -46,7 +48,8 @@ class CurvePoint:
 def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_steps: Sequence[int],
                 eval_rows: int = 256, eval_times: int = 2, eval_seed: int = 1234,
                 on_point: Callable[[CurvePoint], None] | None = None,
-                diagnostics_at: Sequence[int] = (), chunk: int = 25, noise_batches: int = 0) -> dict[str, Any]:
+                diagnostics_at: Sequence[int] = (), chunk: int = 25, noise_batches: int = 0,
+                time_bins: int = 0) -> dict[str, Any]:
   """Trains `cd` for max(eval_steps) steps on one device and returns its bound at each eval step.
 
   The bound is the objective's own per-sequence estimator on the first
@@ -63,6 +66,8 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   times and row roles alone; "noise_shuffled/..." is that batch's sequences in
   a fresh order in every batch, so that which sequence sits in which lattice
   cell is drawn too: the whole noise less the part of which sequences are drawn.
+  With `time_bins` > 0 (RePlaid), each point also has `noise_by_time` on one batch of training rows (2 draws
+  each): its factors under "time/..." and the per-cell profile under the result's "noise_by_time".
   """
   c, run = _build_one_device(cd, corpus, eval_steps)
   steps_fn = _multi_step_fn(run, c)
@@ -70,7 +75,7 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   it = pipeline.train_iterator(corpus.train, global_batch=c.train.batch_size, seed=c.seed, process_index=0,
                                process_count=1, num_workers=0)
   curve = _Curve(run, c, corpus, eval_rows=eval_rows, eval_times=eval_times, eval_seed=eval_seed, on_point=on_point,
-                 noise_batches=noise_batches)
+                 noise_batches=noise_batches, time_bins=time_bins)
   state = run.state
   acc, n_acc = {}, 0
   targets = sorted(set(eval_steps))
@@ -129,8 +134,15 @@ class _Curve:
   """The measurements of `train_curve`: its points, its per-noise-level diagnostics and its time since setup."""
 
   def __init__(self, run: Any, c: config_lib.Config, corpus: pipeline.Corpus, *, eval_rows: int, eval_times: int,
-               eval_seed: int, on_point: Callable[[CurvePoint], None] | None, noise_batches: int = 0):
+               eval_seed: int, on_point: Callable[[CurvePoint], None] | None, noise_batches: int = 0,
+               time_bins: int = 0):
     self.run, self.c, self.eval_seed, self.on_point = run, c, eval_seed, on_point
+    self.time_bins, self.noise_by_time = time_bins, {}
+    if time_bins:
+      if not run.objective.learned_embeddings:
+        raise ValueError(f"the noise profile along t is RePlaid's; objective {c.objective!r} has no Gaussian times")
+      pick = np.random.default_rng(eval_seed + 5).choice(corpus.train.shape[0], c.train.batch_size, replace=False)
+      self.time_rows = jnp.asarray(corpus.train[pick], jnp.int32)
     self.noise_rows = None
     if noise_batches:
       if noise_batches < 2:
@@ -167,6 +179,10 @@ class _Curve:
                                  ("noise_shuffled", self.shuffled_rows, ())):
         noise = gradient_noise_scale(self.run, state, rows, jax.random.key(self.eval_seed + 3), fixed=fixed)
         train.update({f"{label}/{k}_{group}": v for group, est in noise.items() for k, v in est.items()})
+    if self.time_bins:
+      prof = noise_by_time(self.run, state, self.time_rows, jax.random.key(self.eval_seed + 6), bins=self.time_bins)
+      self.noise_by_time[step] = prof
+      train.update({f"time/{k}": v for k, v in prof.items() if k.startswith("gain_")})
     point = CurvePoint(step, res["nats_per_token"], res["stderr"], time.time() - self.t0, train)
     self.points.append(point)
     if self.on_point:
@@ -180,7 +196,7 @@ class _Curve:
 
   def result(self) -> dict[str, Any]:
     return {"unigram": self.unigram, "points": [dataclasses.asdict(p) for p in self.points],
-            "diagnostics": self.diagnostics, "seconds": time.time() - self.t0}
+            "diagnostics": self.diagnostics, "noise_by_time": self.noise_by_time, "seconds": time.time() - self.t0}
 
 
 def shuffled_batches(rows_BL: jax.Array, m: int, rng: np.random.Generator) -> jax.Array:
@@ -260,6 +276,68 @@ def gradient_noise_scale(run: Any, state: step_lib.TrainState, rows_MBL: jax.Arr
     out[name] = noise_scale_estimates(per_batch, mean_sq, b)
     per_batch_all, mean_all = per_batch_all + per_batch, mean_all + mean_sq
   out["all"] = noise_scale_estimates(per_batch_all, mean_all, b)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "draws"))
+def _time_bin_sums(params, rows_NL, t, key, pscale, *, model_cfg, cfg, draws):
+  """Over `draws` Gaussian draws of every row at time t (one diffusion row each, no self-conditioning): the sum of
+  the rows' denoiser-and-embedding gradients, the sum of their squared norms, and the sum and sum of squares of
+  their diffusion losses."""
+  n, length = rows_NL.shape
+  eps = jax.random.normal(key, (draws, n, length, model_cfg.embed_dim), jnp.float32)
+  one_row = elbo.Weights(n_recon=jnp.float32(1), n_diff=jnp.float32(1), n_rows=jnp.float32(1))
+  plan = time_sampling.Plan(t=t[None], is_recon=jnp.zeros(1, bool), is_sc=jnp.zeros(1, bool),
+                            sc_offset=jnp.int32(0), sc_period=0)
+
+  def row(tokens_L, eps_LE):
+    _, terms, g = elbo.loss_and_grads(params, tokens_L[None], plan, key, one_row, model_cfg=model_cfg, cfg=cfg,
+                                      pscale=pscale, noise=eps_LE[None])
+    flat = jnp.concatenate([x.ravel() for name in ("denoiser", "embedding") for x in jax.tree.leaves(g[name])])
+    return flat, terms.diffusion[0]
+
+  def one_draw(i):
+    g, l = jax.vmap(row)(rows_NL, eps[i])
+    return jnp.sum(g, 0), jnp.sum(g * g), jnp.sum(l), jnp.sum(l * l)
+
+  g, gg, l, ll = jax.lax.map(one_draw, jnp.arange(draws))
+  return jnp.sum(g, 0), jnp.sum(gg), jnp.sum(l), jnp.sum(ll)
+
+
+def noise_by_time(run: Any, state: step_lib.TrainState, rows_NL: jax.Array, key: jax.Array, *, bins: int = 16,
+                  draws: int = 2) -> dict[str, Any]:
+  """Where along t RePlaid's training gradient is noisy, and what a different time density would do about it.
+
+  For each of `bins` equal cells of t (at its centre), each of the N rows is a diffusion row (no
+  self-conditioning) with `draws` Gaussian draws; per cell: the per-row gradient's (denoiser and embedding)
+  second moment and its variance within the cell (`grad_within`: around the cell's mean, over rows and
+  draws), and the diffusion loss's mean and variance. The training lattice puts one row in each cell, so its
+  estimator's noise is the within-cell part; a time density p (a different schedule shape, the bound unchanged)
+  multiplies a within-cell variance w(t) by mean(w / p) / mean(w), least at p ~ sqrt(w). Reported factors:
+  `gain_grad_best` at that optimum; `gain_grad_at_second_moment_optimum` at the optimum of the paper's schedule
+  objective E[l^2] (p ~ sqrt(E[l^2 | t])); `gain_grad_at_loss_within_optimum` at the optimum of the loss's
+  within-cell variance (p ~ sqrt(Var[l | t]), what `diffusion.schedule_variance="within_time"` trains for); and
+  `gain_second_moment`, how far E[l^2] itself is above its optimum (1: the schedule has converged).
+  """
+  c = run.config
+  pscale = elbo.prior_scale(c.diffusion, state.step)
+  n = rows_NL.shape[0] * draws
+  cells = []
+  for j in range(bins):
+    g, gg, l, ll = jax.device_get(_time_bin_sums(
+        state.params, rows_NL, jnp.float32((j + 0.5) / bins), jax.random.fold_in(key, j), pscale,
+        model_cfg=c.model, cfg=c.diffusion, draws=draws))
+    g = np.asarray(g, np.float64)
+    cells.append({"grad_second_moment": float(gg) / n, "grad_within": (float(gg) - float(g @ g) / n) / (n - 1),
+                  "loss_mean": float(l) / n, "loss_var": (float(ll) - float(l) ** 2 / n) / (n - 1)})
+  col = lambda k: np.array([cell[k] for cell in cells])
+  w, lm, lv = col("grad_within"), col("loss_mean"), col("loss_var")
+  under = lambda p: float(np.mean(w / (p / np.mean(p))) / np.mean(w))
+  second = np.sqrt(lv + lm ** 2)
+  out = {"t": [(j + 0.5) / bins for j in range(bins)], **{k: col(k).tolist() for k in cells[0]}}
+  out.update(gain_grad_best=under(np.sqrt(w)), gain_grad_at_second_moment_optimum=under(second),
+             gain_grad_at_loss_within_optimum=under(np.sqrt(lv)),
+             gain_second_moment=float(np.mean(second) ** 2 / np.mean(second ** 2)))
   return out
 
 
