@@ -62,6 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.aux_ce_weight = 0.0  # weight of an auxiliary token CE on the diffusion rows (ablation; 0 = pure ELBO)
   d.mdlm_train_loss = "low_var"  # objective=mdlm: "low_var" (unweighted masked CE) or "elbo"; eval is the ELBO
   d.antithetic_noise = False  # study switch (replaid, even train.draws_per_sequence): draws in pairs eps, -eps at one time
+  d.schedule_variance = "second_moment"  # schedule interior: "second_moment" (E[l^2]) or "within_time" (study switch)
 
   # ---- data.
   da = c.data = ml_collections.ConfigDict()

@@ -245,6 +245,7 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(f"diffusion.aux_ce_weight must be >= 0, got {d.aux_ce_weight}.")
   _choice("diffusion.schedule", d.schedule, noise_schedule.SCHEDULES)
   _choice("diffusion.recon_split", d.recon_split, elbo.RECON_SPLITS)
+  _choice("diffusion.schedule_variance", d.schedule_variance, elbo.SCHEDULE_VARIANCES)
   _choice("optim.decay", c.optim.decay, ("cosine", "linear", "constant"))
   validate_sample(c.sample)
   for key in ("model.width", "model.num_layers", "model.num_heads", "model.embed_dim", "train.batch_size",
@@ -285,6 +286,15 @@ def validate(c: Config) -> None:
           "diffusion.antithetic_noise pairs the draws of each sequence (eps, -eps): it needs an even "
           f"train.draws_per_sequence (got {t.draws_per_sequence}) and train.grad_accum_steps=1 "
           f"(got {t.grad_accum_steps}).")
+  if d.schedule_variance == "within_time":
+    if not objectives.REGISTRY[c.objective].learned_embeddings or d.schedule != "learned":
+      raise errors.ConfigError(
+          "diffusion.schedule_variance='within_time' trains RePlaid's learned schedule; got "
+          f"objective={c.objective!r}, diffusion.schedule={d.schedule!r}. Set it to 'second_moment'.")
+    if d.antithetic_noise:
+      raise errors.ConfigError(
+          "diffusion.schedule_variance='within_time' estimates E[l | t] from other rows at nearby times, which "
+          "antithetic pairs (one time, eps and -eps) would correlate with the row itself. Turn one of them off.")
   if not 0 < d.recon_fraction < 1:
     raise errors.ConfigError(f"diffusion.recon_fraction must lie in (0, 1), got {d.recon_fraction}.")
   if t.batch_size < 2:

@@ -176,6 +176,49 @@ def test_gradients_follow_the_stated_objectives(params):
   assert min(jax.tree.leaves(rel)) > 0.1
 
 
+def test_within_time_schedule_rule_is_the_gradient_of_the_squared_deviation_from_the_neighbours_mean(params):
+  """schedule_variance="within_time": the interior follows d/dphi mean_diff (l_i - b_i)^2 with b_i held fixed, b_i
+  the mean loss of the other non-self-conditioned diffusion rows within 2.5 lattice cells (brute force here);
+  every other group keeps the gradient of E[loss]."""
+  batch = 16
+  tokens = _tokens(jax.random.key(21), batch=batch)
+  plan = _mixed_plan(batch=batch)
+  w = _weights(plan)
+  key = jax.random.key(22)
+  wt = replace(TINY_DIFFUSION, schedule_variance="within_time")
+  run = lambda cfg: jax.jit(lambda p: elbo.loss_and_grads(p, tokens, plan, key, w, model_cfg=TINY_MODEL, cfg=cfg,
+                                                            pscale=jnp.float32(1.0)))(params)
+  loss, terms, grads = run(wt)
+  loss_m2, _, grads_m2 = run(TINY_DIFFUSION)
+
+  t, l = np.asarray(plan.t, np.float64), np.asarray(terms.diffusion, np.float64)
+  use = ~np.asarray(plan.is_recon) & ~np.asarray(plan.is_sc)
+  n_diff = float(w.n_diff)
+  b = np.zeros(batch)
+  for i in range(batch):
+    others = [l[j] for j in range(batch) if j != i and use[j] and abs(t[j] - t[i]) <= 2.5 / n_diff]
+    b[i] = np.mean(others) if others else 0.0
+  assert np.sum(use) >= 8 and np.all(b[use] > 0)  # every scheduled row has neighbours: the rule is exercised
+  np.testing.assert_allclose(elbo.time_baseline(plan.t, terms.diffusion, jnp.asarray(use), w.n_diff), b, rtol=1e-5)
+
+  def dev_sq(p):
+    gt, dgt = _schedule_values(p, plan.t)
+    d = elbo.per_example_terms(p, gt, dgt, tokens, plan, key, model_cfg=TINY_MODEL, cfg=wt,
+                               pscale=jnp.float32(1.0)).diffusion
+    return jnp.sum(jnp.where(plan.is_recon, 0.0, (d - jnp.asarray(b, jnp.float32)) ** 2)) / n_diff
+
+  ref_sched = jax.jit(jax.grad(dev_sq))(params)["schedule"]
+  close = lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(r))))
+  jax.tree.map(close, grads["schedule"], ref_sched)
+  np.testing.assert_allclose(loss, loss_m2, rtol=1e-6)
+  for name in ("denoiser", "embedding", "bounds"):
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-9), grads[name], grads_m2[name])
+  # The baseline changes the schedule's gradient: the two rules differ.
+  rel = jax.tree.map(lambda a, r: float(jnp.max(jnp.abs(a - r)) / jnp.max(jnp.abs(r))), grads["schedule"],
+                     grads_m2["schedule"])
+  assert max(jax.tree.leaves(rel)) > 0.1
+
+
 def test_selfconditioned_rows_send_no_gradient_to_embeddings_schedule_or_bounds(params):
   tokens = _tokens(jax.random.key(14))
   key = jax.random.key(15)

@@ -166,6 +166,27 @@ def test_antithetic_draws_are_the_mean_of_two_plain_estimates_with_eps_and_minus
       config_lib.from_config_dict(_tiny_config(**{"diffusion.antithetic_noise": True, **bad}))
 
 
+def test_within_time_schedule_variance_reaches_the_step_and_only_moves_the_schedule_differently():
+  """diffusion.schedule_variance='within_time' through a built run's compiled step: the first step's loss is the
+  same estimate as with the default rule, the schedule takes a different first update; invalid pairings are
+  clear config errors."""
+  from replaid_jax import errors  # pylint: disable=g-import-not-at-top
+  base = {"optim.warmup_steps": 0, "optim.grad_clip": 0.0}
+  p_m2, l_m2, _ = _run_steps((1, 1, 1), num_steps=1, **base)
+  p_wt, l_wt, _ = _run_steps((1, 1, 1), num_steps=1, **base, **{"diffusion.schedule_variance": "within_time"})
+  assert l_wt[0] == pytest.approx(l_m2[0], rel=1e-6)
+  diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert diff(p_wt["schedule"], p_m2["schedule"]) > 1e-6
+  assert diff(p_wt["denoiser"], p_m2["denoiser"]) < 1e-7
+  for bad, match in (({"objective": "mdlm"}, "objective='mdlm'"),
+                     ({"diffusion.schedule": "linear_fixed"}, "linear_fixed"),
+                     ({"diffusion.antithetic_noise": True, "train.draws_per_sequence": 2}, "antithetic")):
+    with pytest.raises(errors.ConfigError, match=match):
+      config_lib.from_config_dict(_tiny_config(**{"diffusion.schedule_variance": "within_time", **bad}))
+  with pytest.raises(errors.ConfigError, match="schedule_variance"):
+    config_lib.from_config_dict(_tiny_config(**{"diffusion.schedule_variance": "variance"}))
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   from replaid_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match="not divisible by the 8 devices"):

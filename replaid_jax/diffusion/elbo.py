@@ -19,6 +19,10 @@ so embeddings and schedule learn from the other rows only.
 Gradient rule: everything follows d E[loss]; the schedule's interior gamma~
 follows d E_diff[l^2] (its shape does not change E[loss], so it is trained to
 lower the estimator's variance). `loss_and_grads` does this with two VJPs.
+With `schedule_variance="within_time"` (a study switch) the interior follows
+d E_diff[(l - b(t))^2] instead, b(t) a stop-gradient estimate of E[l | t] from
+the rows at neighbouring lattice times (`time_baseline`): the variance left
+when every row sits in its own lattice cell, which is the training estimator's.
 """
 
 import dataclasses
@@ -36,6 +40,9 @@ from replaid_jax.models import noise_schedule
 sg = jax.lax.stop_gradient
 
 RECON_SPLITS = ("adaptive", "fixed")
+# What the schedule's interior minimises: E[l^2] (VDM, Plaid) or E[(l - E[l | t])^2] (the lattice's variance).
+SCHEDULE_VARIANCES = ("second_moment", "within_time")
+BASELINE_CELLS = 2.5  # time_baseline: rows within this many lattice cells of a row give its baseline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,7 @@ class DiffusionConfig:
   aux_ce_weight: float
   mdlm_train_loss: str
   antithetic_noise: bool
+  schedule_variance: str = "second_moment"
 
 
 @flax.struct.dataclass
@@ -190,6 +198,18 @@ def weighted_loss(terms: Terms, w: Weights, aux_ce_weight: float = 0.0) -> jax.A
   return nelbo
 
 
+def time_baseline(t_B: jax.Array, loss_B: jax.Array, use_B: jax.Array, n_cells: jax.Array) -> jax.Array:
+  """b_i: the mean of loss_j over the other rows j with use_j and |t_j - t_i| <= BASELINE_CELLS / n_cells.
+
+  An estimate of E[loss | t_i] that does not use row i's own draw (0 where no such row exists); `n_cells` is
+  the lattice's number of cells, so about 2 BASELINE_CELLS rows of the lattice are candidates.
+  """
+  near = jnp.abs(t_B[:, None] - t_B[None, :]) <= BASELINE_CELLS / n_cells
+  near = near & use_B[None, :] & ~jnp.eye(t_B.shape[0], dtype=bool)
+  count = jnp.sum(near, axis=1)
+  return jnp.where(count > 0, jnp.sum(jnp.where(near, loss_B[None, :], 0.0), axis=1) / jnp.maximum(count, 1), 0.0)
+
+
 def loss_and_grads(
     params: dict,
     tokens_BL: jax.Array,
@@ -211,7 +231,9 @@ def loss_and_grads(
   2. one VJP of the weighted loss in everything else and in those values;
   3. the per-row cotangents on gamma~ are multiplied by 2 l_i (l_i that row's
      diffusion loss), turning d E[l] into d E[l^2] for phi alone, and pulled
-     back through step 1.
+     back through step 1; with `cfg.schedule_variance="within_time"` by
+     2 (l_i - b_i) (`time_baseline` over the diffusion rows that are not
+     self-conditioned), giving d E[(l - b)^2] with b held fixed.
 
   With the auxiliary CE ablation on, the cotangents of step 3 include the CE
   term's dependence on gamma~, scaled the same way.
@@ -235,6 +257,9 @@ def loss_and_grads(
   loss, f_vjp, terms = jax.vjp(objective, rest, gt, dgt, has_aux=True)
   g_rest, g_gt, g_dgt = f_vjp(jnp.ones_like(loss))
   row_scale = 2.0 * sg(terms.diffusion)
+  if cfg.schedule_variance == "within_time":
+    use = ~plan.is_recon & ~plan.is_sc
+    row_scale = row_scale - 2.0 * time_baseline(plan.t, sg(terms.diffusion), use, weights.n_diff)
   (g_sched,) = sched_vjp((g_gt * row_scale, g_dgt * row_scale))
   return loss, terms, {**g_rest, "schedule": g_sched}
 
