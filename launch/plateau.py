@@ -29,6 +29,7 @@ import sys
 import time
 
 from absl import flags
+import numpy as np
 
 from replaid_jax import cli
 from replaid_jax import paths
@@ -231,6 +232,13 @@ def summarize(out: str, reference: str = "") -> dict:
               diffs) > 1 else float("nan")
       rows[s] = row
     summary[name] = {"unigram": unigram, "steps": rows}
+    profiles = [r["noise_by_time"] for r in by_seed.values() if r.get("noise_by_time")]
+    if profiles:  # --noise_by_time: the per-cell profile, mean over seeds
+      summary[name]["noise_by_time"] = {
+          step: {"t": profiles[0][step]["t"], "seeds": sum(step in p for p in profiles),
+                 **{k: np.mean([p[step][k] for p in profiles if step in p], axis=0).tolist()
+                    for k, v in profiles[0][step].items() if k != "t"}}
+          for step in profiles[0]}
   return summary
 
 
@@ -259,6 +267,8 @@ def report(out: str, reference: str = "") -> str:
   paths.write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1, default=str))
   if summary:
     save_curves(summary, os.path.join(out, "curves.png"), title=os.path.basename(os.path.normpath(out)))
+  if any("noise_by_time" in v for v in summary.values()):
+    save_noise_by_time(summary, os.path.join(out, "noise_by_time.png"))
   return text
 
 
@@ -279,6 +289,28 @@ def save_curves(summary: dict, path: str, *, title: str = "") -> str:
   ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
+def save_noise_by_time(summary: dict, path: str) -> str:
+  """Per variant with a --noise_by_time profile: the training gradient's within-cell variance against t, one
+  line per step (mean over seeds), with the factor the best time density would give."""
+  plt = paths.pyplot()
+  names = [n for n, v in summary.items() if "noise_by_time" in v]
+  fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), dpi=110, squeeze=False)
+  for ax, name in zip(axes[0], names):
+    for step, prof in sorted(summary[name]["noise_by_time"].items(), key=lambda kv: int(kv[0])):
+      ax.plot(prof["t"], np.maximum(prof["grad_within"], 1e-12), marker="o", ms=2,
+              label=f"step {step} (best density x{prof['gain_grad_best']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel("gradient variance within a cell of t (per row)")
+    ax.set_title(name, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
   fig.tight_layout()
   paths.save_figure(fig, path)
   plt.close(fig)

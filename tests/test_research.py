@@ -210,7 +210,7 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
   study = tmp_path / "study"
   _cli("launch/plateau.py", f"--out={study}", "--base=configs/tiny.py", f"--variant=replaid:{data}",
        f"--variant=ar:objective='ar';{data}", "--seeds=0", "--steps=2,4", "--parallel=2", "--reference=replaid",
-       "--noise_batches=3")
+       "--noise_batches=3", "--noise_by_time=2")
   summary = json.loads((study / "summary.json").read_text())
   assert set(summary) == {"replaid", "ar"}
   for name, v in summary.items():
@@ -230,6 +230,13 @@ def test_a_study_and_a_probe_on_a_synthetic_source_through_the_binaries(tmp_path
       assert (abs(p["train"][f"{part}/trace_all"]) < 1e-9 * p["train"]["noise/trace_all"]) == (name == "ar")
   assert "| replaid | 1 |" in (study / "report.md").read_text()
   assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # --noise_by_time: RePlaid's profile along t at every point (2 cells), summarised and plotted; AR has none.
+  prof = summary["replaid"]["noise_by_time"]
+  assert sorted(prof, key=int) == ["2", "4"] and prof["4"]["t"] == [0.25, 0.75] and prof["4"]["seeds"] == 1
+  assert all(x > 0 for x in prof["4"]["grad_within"]) and 0 < prof["4"]["gain_grad_best"] <= 1
+  assert "noise_by_time" not in summary["ar"]
+  assert 0 < run["points"][1]["train"]["time/gain_grad_best"] <= 1
+  assert (study / "noise_by_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Rerunning skips finished runs; a probe reports every min(steps) steps.
   again = _cli("launch/plateau.py", f"--out={study}", "--base=configs/tiny.py", f"--variant=replaid:{data}",
                "--seeds=0", "--steps=2,4")

@@ -66,9 +66,9 @@ def train_curve(cd: ml_collections.ConfigDict, corpus: pipeline.Corpus, *, eval_
   times and row roles alone; "noise_shuffled/..." is that batch's sequences in
   a fresh order in every batch, so that which sequence sits in which lattice
   cell is drawn too: the whole noise less the part of which sequences are drawn.
-  With `time_bins` > 0 (RePlaid), each point also has `noise_by_time` on one batch of training rows (2 draws
-  each): its factors under "time/..." and the per-cell profile under the result's "noise_by_time".
-  """
+  With `time_bins` > 0, each point of a RePlaid run (other objectives skip it) also has `noise_by_time` on one
+  batch of training rows (2 draws each): its factors under "time/..." and the per-cell profile under the
+  result's "noise_by_time"."""
   c, run = _build_one_device(cd, corpus, eval_steps)
   steps_fn = _multi_step_fn(run, c)
   base_key = jax.random.key(c.seed)
@@ -137,10 +137,9 @@ class _Curve:
                eval_seed: int, on_point: Callable[[CurvePoint], None] | None, noise_batches: int = 0,
                time_bins: int = 0):
     self.run, self.c, self.eval_seed, self.on_point = run, c, eval_seed, on_point
-    self.time_bins, self.noise_by_time = time_bins, {}
-    if time_bins:
-      if not run.objective.learned_embeddings:
-        raise ValueError(f"the noise profile along t is RePlaid's; objective {c.objective!r} has no Gaussian times")
+    # The profile along t is RePlaid's (Gaussian noise at a continuous time); other objectives skip it.
+    self.time_bins, self.noise_by_time = (time_bins if run.objective.learned_embeddings else 0), {}
+    if self.time_bins:
       pick = np.random.default_rng(eval_seed + 5).choice(corpus.train.shape[0], c.train.batch_size, replace=False)
       self.time_rows = jnp.asarray(corpus.train[pick], jnp.int32)
     self.noise_rows = None
