@@ -237,7 +237,7 @@ def summarize(out: str, reference: str = "") -> dict:
       summary[name]["noise_by_time"] = {
           step: {"t": profiles[0][step]["t"], "seeds": sum(step in p for p in profiles),
                  **{k: np.mean([p[step][k] for p in profiles if step in p], axis=0).tolist()
-                    for k, v in profiles[0][step].items() if k != "t"}}
+                    for k in profiles[0][step] if k != "t"}}
           for step in profiles[0]}
   return summary
 

@@ -269,24 +269,31 @@ def test_the_noise_scale_estimates_recover_the_gradient_and_the_noise_of_a_known
   assert plateau.noise_scale_estimates(np.array([1.0, 1.2]), 0.5, 4)["b_simple"] == float("inf")
 
 
-def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_shrinks_with_the_batch(tmp_path):
-  """On a real tiny model: the groups' |G|^2 and tr(S) add up to the whole's, and the spread of the M batch
-  gradients around their mean (mean |G_i|^2 - |mean G_i|^2 = tr(S) (1/b - 1/(M b))) is smaller at 4x the batch."""
+def _tiny_run_on_random_tokens(*, rows: int, val: int, seed: int, vocab: int = 24):
+  """(config dict, corpus, run) of configs/tiny.py on one device, on `rows` uniformly random training rows (the
+  first `val` of them also the validation rows)."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
   from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
   from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
   cd = tiny.get_config()
   cd.mesh.shape = (1, 1, 1)
-  vocab, length = 24, cd.data.seq_len
-  train = rng.integers(0, vocab, (256, length)).astype(np.int32)
-  corpus = pipeline.Corpus(train=train, val=train[:16], vocab_size=vocab, tokenizer=None,
+  train = np.random.default_rng(seed).integers(0, vocab, (rows, cd.data.seq_len)).astype(np.int32)
+  corpus = pipeline.Corpus(train=train, val=train[:val], vocab_size=vocab, tokenizer=None,
                            unigram_counts=np.bincount(train.reshape(-1), minlength=vocab).astype(np.float64),
                            info={"source": "synthetic"})
   c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  return cd, corpus, build_lib.build(c, corpus, devices=jax.devices()[:1])
+
+
+def test_the_gradient_noise_scale_of_a_training_state_adds_up_over_groups_and_shrinks_with_the_batch(tmp_path):
+  """On a real tiny model: the groups' |G|^2 and tr(S) add up to the whole's, and the spread of the M batch
+  gradients around their mean (mean |G_i|^2 - |mean G_i|^2 = tr(S) (1/b - 1/(M b))) is smaller at 4x the batch."""
+  from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
+  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
+  cd, corpus, run = _tiny_run_on_random_tokens(rows=256, val=16, seed=0)
+  length = cd.data.seq_len
   spread = {}
   for b in (4, 16):
     rows = jnp.asarray(corpus.train[:8 * b].reshape(8, b, length))
@@ -332,25 +339,13 @@ def test_the_noise_profile_along_t_matches_per_row_autodiff():
   """research.plateau.noise_by_time on a real tiny model: each cell's per-row gradient moments and loss moments
   equal those of per-row gradients taken by autodiff of the row's ELBO terms, with the same Gaussians; the best
   time density is at least as good as the two objectives' optima."""
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from replaid_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from replaid_jax.diffusion import elbo  # pylint: disable=g-import-not-at-top
   from replaid_jax.diffusion import time_sampling  # pylint: disable=g-import-not-at-top
   from replaid_jax.models import noise_schedule  # pylint: disable=g-import-not-at-top
   from replaid_jax.research import plateau  # pylint: disable=g-import-not-at-top
-  from replaid_jax.train import build as build_lib  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(1)
-  cd = tiny.get_config()
-  cd.mesh.shape = (1, 1, 1)
-  vocab, length = 24, cd.data.seq_len
-  train = rng.integers(0, vocab, (64, length)).astype(np.int32)
-  corpus = pipeline.Corpus(train=train, val=train[:8], vocab_size=vocab, tokenizer=None,
-                           unigram_counts=np.bincount(train.reshape(-1), minlength=vocab).astype(np.float64),
-                           info={"source": "synthetic"})
-  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
-  rows = jnp.asarray(train[:3])
+  cd, corpus, run = _tiny_run_on_random_tokens(rows=64, val=8, seed=1)
+  c, length = run.config, cd.data.seq_len
+  rows = jnp.asarray(corpus.train[:3])
   key, bins, draws = jax.random.key(3), 2, 2
   prof = plateau.noise_by_time(run, run.state, rows, key, bins=bins, draws=draws)
   params = run.state.params
