@@ -14,6 +14,10 @@ device; either is multiplied by the number of devices. On TPU pods and under
 SLURM every process runs the same command, as for launch/train.py.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import json
 import os
 

@@ -12,6 +12,10 @@ and checks that the shards equal the uninterrupted run's byte for byte and the
 in-memory tokenisation + packing of the same documents.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import dataclasses
 import json
 import os

@@ -22,6 +22,10 @@ the matmul rate measured in the same process and the configuration are written
 as JSON.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import json
 import math
 import os

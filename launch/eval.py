@@ -11,6 +11,10 @@ lambada, ag_news, pubmed, arxiv (zero-shot sets from --config.eval.data_dir).
 Results: <workdir>/eval/<dataset>_<split>_step<N>.json (or --output_dir).
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 from absl import app
 from absl import flags
 import jax

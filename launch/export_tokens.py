@@ -9,6 +9,10 @@ with --config.data.source=npy --config.data.train_files=OUT/train.npy
 --config.data.tokenizer_path=OUT/tokenizer.model, skipping tokenisation.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import json
 import os
 import shutil

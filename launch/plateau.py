@@ -20,6 +20,10 @@ A variant is NAME:KEY=VALUE[;KEY=VALUE...] with KEY a dotted config key;
 VALUE is parsed as a Python literal when it is one, else taken as a string.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import ast
 import json
 import math

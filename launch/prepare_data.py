@@ -10,6 +10,10 @@
 Rerunning the same command after an interruption resumes it.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 
 from absl import app
 from absl import flags

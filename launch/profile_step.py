@@ -16,6 +16,10 @@ the most expensive ops, and writes OUT/profile.json and the trace itself
 Timing only: the step's numerics are untouched.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import collections
 import glob
 import gzip

@@ -13,6 +13,10 @@ the matching .summary.json; every sample key is described in replaid_jax/base_co
 section can be overridden.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 from absl import app
 from absl import flags
 import jax

@@ -9,6 +9,10 @@ OUT/info.json records the exact entropy per token of a data.seq_len window
   --config.data.val_files=OUT/val.npy --config.data.npy_vocab_size=VOCAB
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import json
 
 from absl import flags

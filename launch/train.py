@@ -12,6 +12,10 @@ processes find each other; elsewhere start one per host with
 and the same --workdir (a file system all of them share).
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 from absl import app
 from absl import flags
 import jax

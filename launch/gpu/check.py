@@ -22,6 +22,10 @@ Four measurements, each under its own key of the JSON:
 The exit status is 1 when the bf16/fp32 agreement fails, so a CI job can run it.
 """
 
+from replaid_jax import hostenv
+
+hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
+
 import json
 import os
 import statistics
