@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -408,6 +409,24 @@ def test_timing_the_compiled_step_leaves_the_state_as_it_was():
   assert shorter.config.train.num_steps == 3 and shorter.tx is not run.tx and sizing_lib.with_num_steps(run, 4) is run
 
 
+def test_a_second_sizing_takes_more_steps_only_when_enough_more_fit_and_never_past_the_cap():
+  cd = _tiny_config(**{"mesh.shape": (1, 1, 1), "train.size_to_minutes": 10.0, "train.num_steps": 1000})
+  corpus = _synthetic_corpus()
+  run = build_lib.build(build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus), corpus,
+                        devices=jax.devices()[:1])
+  now = time.time()  # the budget's 600 s start now
+  sized, first = sizing_lib.size_run(run, 0.5, done=20, t_start=now, compile_s=0.0, measured=True)
+  n1 = first["num_steps"]
+  assert 255 <= n1 <= 260 and sized.config.train.num_steps == n1  # 20 + 0.5 steps/s x 600 s x 0.8
+  again = dict(done=40, t_start=now, compile_s=0.0, measured=True, measured_from=20, more_than=n1, cap=1000)
+  assert sizing_lib.size_run(sized, 0.5, **again) is None  # about 280 steps: less than 10% more
+  faster, record = sizing_lib.size_run(sized, 1.0, **again)
+  assert 515 <= record["num_steps"] <= 520 and faster.config.train.num_steps == record["num_steps"]
+  assert record["cap"] == 1000 and record["decided_at_step"] == 40
+  _, capped = sizing_lib.size_run(sized, 50.0, **again)
+  assert capped["num_steps"] == 1000  # the config's own train.num_steps stays the most a run takes
+
+
 def _metric_rows(workdir):
   with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -458,6 +477,43 @@ def test_a_sized_run_completes_the_schedule_it_decided(tmp_path):
   with pytest.raises(errors.ConfigError,
                      match=r"train.size_to_minutes=10: at the measured 0.0001 steps/s only 2 steps fit "):
     loop.train_and_evaluate(_tiny_config(**sized), str(tmp_path / "short"), steps_per_second=1e-4)
+
+
+@pytest.mark.slow
+def test_a_sized_run_measures_again_at_the_end_of_its_warm_up_and_takes_the_steps_a_slow_start_left(
+    tmp_path, monkeypatch):
+  # As on a machine busy for a minute: the batches for steps 2-20 come 2 s late, the rest of the 40-step warm-up
+  # runs at full speed. The first sizing (step 20) sees about 0.5 steps/s; the second (step 40) the real speed.
+  real, calls = build_lib.global_batch, []
+
+  def late_at_first(*args, **kwargs):
+    calls.append(None)
+    if len(calls) <= 20:  # the setup's first batch and those drawn after steps 1-19
+      time.sleep(2.0)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(build_lib, "global_batch", late_at_first)
+  cap = 150
+  sized = {"train.size_to_minutes": 3.0, "train.num_steps": cap, "optim.warmup_steps": 40,
+           "eval.final_num_times": 0, "eval.num_samples": 0}
+  a = str(tmp_path / "sized")
+  out = loop.train_and_evaluate(_tiny_config(**sized), a)
+  with open(os.path.join(a, "train", "config.json")) as f:
+    sizing = json.load(f)["sizing"]
+  first, n = sizing["first"], sizing["num_steps"]
+  assert first["decided_at_step"] == 20 and sizing["decided_at_step"] == 40 and sizing["measured"]
+  assert first["steps_per_second"] < 1.0 < sizing["steps_per_second"]
+  assert first["num_steps"] < cap and n >= (1 + sizing_lib.SIZE_REVISE_MIN) * first["num_steps"]
+  assert sizing["cap"] == cap and n <= cap
+  rows = _metric_rows(a)
+  assert [r["sizing/num_steps"] for r in rows if "sizing/num_steps" in r] == [first["num_steps"], n]
+  assert out["step"] == n and max(r["step"] for r in rows if "train/loss" in r) == n
+  # The warm-up's learning rates do not depend on the schedule's length: the run is the one given n steps.
+  monkeypatch.setattr(build_lib, "global_batch", real)
+  b = str(tmp_path / "plain")
+  loop.train_and_evaluate(_tiny_config(**{**sized, "train.size_to_minutes": 0.0, "train.num_steps": n}), b)
+  loss = lambda w: {r["step"]: r["train/loss"] for r in _metric_rows(w) if "train/loss" in r}
+  assert loss(a) == loss(b)
 
 
 @pytest.mark.slow

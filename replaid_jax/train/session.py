@@ -184,11 +184,13 @@ class Session:
     """Decides where train.size_to_minutes sizes the run (self.size_at, a step), or sizes it now."""
     c = self.c
     # train.size_to_minutes: measured on the first real steps while they are warm-up steps, else on a copy now.
-    self.size_at = None
+    self.size_at = self.resize_at = None
     if c.train.size_to_minutes > 0 and "sizing" not in self.meta:
       measure_to = min(c.optim.warmup_steps, sizing_lib.SIZE_MEASURE_STEPS)
       if self.start_step + 2 <= measure_to:
         self.size_at = measure_to
+        if self.steps_per_second is None and c.optim.warmup_steps >= measure_to + sizing_lib.SIZE_MEASURE_STEPS:
+          self.resize_at = c.optim.warmup_steps  # measured again over the rest of the warm-up
       elif self.latest is None:  # after all the setup, which the budget includes
         rate = self.steps_per_second or sizing_lib.time_train_step(self.run, self.compiled, self.state,
                                                                    self.first_batch, self.base_key)
@@ -274,6 +276,8 @@ class Session:
       self.pace.restart(step, self.t_first)
     if step == self.size_at:
       self._size_in_loop()
+    elif step == self.resize_at:
+      self._resize_in_loop()
     c = self.c
     self.nonfinite.track(m["nonfinite"], self.state.step)
     self._log_pending()
@@ -299,6 +303,30 @@ class Session:
     rate = self.steps_per_second or (step - self.start_step - 1) / max(time.monotonic() - self.t_first, 1e-9)
     self.apply_sizing(*sizing_lib.size_run(self.run, rate, done=step, t_start=self.t_start, compile_s=self.compile_s,
                                 measured=self.steps_per_second is None))
+    self._restart_clocks(step)
+
+  def _resize_in_loop(self) -> None:
+    """At the end of the warm-up, sizes the run again from the speed since the first sizing (evaluations left
+    out) when that fits SIZE_REVISE_MIN more steps: the first measurement may have caught a slow minute. The
+    warm-up's learning rates do not depend on the schedule's length, so the steps trained so far are those of a
+    run given the new length from its start."""
+    step = self.step
+    jax.block_until_ready(self.state)
+    rate = self.pace.rate(step)
+    if rate is None:
+      return
+    first = self.meta["sizing"]
+    revised = sizing_lib.size_run(self.run, rate, done=step, t_start=self.t_start, compile_s=self.compile_s,
+                                  measured=True, measured_from=self.size_at, more_than=first["num_steps"],
+                                  cap=first["cap"])
+    if revised is not None:
+      run, record = revised
+      record["first"] = {k: first[k] for k in ("num_steps", "steps_per_second", "decided_at_step")}
+      self.apply_sizing(run, record)
+      self._restart_clocks(step)
+
+  def _restart_clocks(self, step: int) -> None:
+    """The progress line, the pace and the stop step measured again from `step` (after a compilation)."""
     self.progress = self.new_progress()  # measured again from here: the rate leaves out the second compilation too
     self.progress.update(step)
     self.pace.restart(step)

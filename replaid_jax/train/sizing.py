@@ -1,6 +1,7 @@
 """Sizing a run to a time budget (train.size_to_minutes) and keeping its in-loop evaluations inside it.
 
-`size_run` turns a measured speed into a step count (and a learning-rate schedule that spans it);
+`size_run` turns a measured speed into a step count (and a learning-rate schedule that spans it), and at the end
+of a long enough warm-up into a larger one when the speed measured since allows;
 `evaluation_fits` decides whether an in-loop evaluation would stop a budgeted run short of that count; `Pace`
 measures the training speed with evaluations left out.
 """
@@ -25,6 +26,10 @@ SIZE_RESERVE = 0.2
 # A sized run measures its speed over its first real steps, up to this many, while they are warm-up steps (whose
 # learning rate does not depend on the schedule's length); with a shorter warm-up it times a copy of the state.
 SIZE_MEASURE_STEPS = 20
+# Where the warm-up is long enough for a second measurement (SIZE_MEASURE_STEPS more steps), the run measures again
+# at its end and takes more steps when at least this share more fit: one early measurement over a few steps can
+# catch a machine in a slow minute and leave the budget unused.
+SIZE_REVISE_MIN = 0.1
 
 
 def sized_num_steps(steps_per_second: float, seconds_left: float, cap: int, done: int = 0) -> int:
@@ -78,35 +83,43 @@ def time_train_step(run: build_lib.Run, compiled, state, batch, key, *, min_step
   return n / max(time.monotonic() - t0, 1e-9)
 
 
-def size_run(run: build_lib.Run, rate: float, *, done: int, t_start: float, compile_s: float, measured: bool
-             ) -> tuple[build_lib.Run, dict]:
+def size_run(run: build_lib.Run, rate: float, *, done: int, t_start: float, compile_s: float, measured: bool,
+             measured_from: int = 2, more_than: int | None = None, cap: int | None = None
+             ) -> tuple[build_lib.Run, dict] | None:
   """Sets train.num_steps (and the schedule) to what fits train.size_to_minutes at `rate` steps/s, `done` steps
   being trained already.
 
   The budget counts from the start of the run (tokenizer, data and compilation included); a new step count
   needs the step compiled again, which is charged to it at the first compilation's time. Returns the run and
-  the record of the decision (saved with the checkpoints and in train/config.json).
+  the record of the decision (saved with the checkpoints and in train/config.json). With `more_than` (the steps
+  decided before), returns None unless at least SIZE_REVISE_MIN more than those fit; `cap` is the most steps the
+  run takes (default: the config's train.num_steps, which a decision replaces).
   """
   c = run.config
   left = 60.0 * c.train.size_to_minutes - (time.time() - t_start)
   if jax.process_count() > 1:  # every process takes process 0's figures, hence the same schedule
     rate, left = (float(x) for x in multihost_utils.broadcast_one_to_all(np.array([rate, left], np.float64)))
-  steps = sized_num_steps(rate, left, c.train.num_steps, done)
-  if steps < c.train.num_steps:  # a second compilation, for the new schedule, comes out of the budget
+  cap = c.train.num_steps if cap is None else cap
+  steps = sized_num_steps(rate, left, cap, done)
+  if steps != c.train.num_steps:  # a second compilation, for the new schedule, comes out of the budget
     left -= compile_s
-    steps = sized_num_steps(rate, left, c.train.num_steps, done)
+    steps = sized_num_steps(rate, left, cap, done)
+  if more_than is not None and steps < (1.0 + SIZE_REVISE_MIN) * more_than:
+    logging.info("train.size_to_minutes=%g: %.3g steps/s over steps %d-%d, %.0f s left -> %d steps; kept the %d "
+                 "decided before", c.train.size_to_minutes, rate, measured_from, done, left, steps, more_than)
+    return None
   if steps <= c.optim.warmup_steps:
     raise errors.ConfigError(
         f"train.size_to_minutes={c.train.size_to_minutes:g}: at the measured {rate:.3g} steps/s only {steps} "
         f"steps fit the {max(left, 0):.0f} s left after setup, no more than the warm-up (optim.warmup_steps="
         f"{c.optim.warmup_steps}); raise train.size_to_minutes, or set it to 0 and choose train.num_steps.")
   record = {"num_steps": steps, "steps_per_second": rate, "seconds_left": left, "decided_at_step": done,
-            "minutes": c.train.size_to_minutes, "cap": c.train.num_steps, "reserve": SIZE_RESERVE,
+            "minutes": c.train.size_to_minutes, "cap": cap, "reserve": SIZE_RESERVE,
             "measured": measured}
   logging.info("train.size_to_minutes=%g: %.3g steps/s measured after compilation%s, %.0f s left -> %d steps "
                "(train.num_steps=%d at most; %.0f%% kept back for evaluations and checkpoints); the learning-rate "
-               "schedule spans them", c.train.size_to_minutes, rate, f" over steps 2-{done}" if done else "", left,
-               steps, c.train.num_steps, 100 * SIZE_RESERVE)
+               "schedule spans them", c.train.size_to_minutes, rate,
+               f" over steps {measured_from}-{done}" if done else "", left, steps, cap, 100 * SIZE_RESERVE)
   return with_num_steps(run, steps), record
 
 
