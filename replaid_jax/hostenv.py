@@ -75,7 +75,8 @@ def reexec_with_huge_pages() -> None:
   if environ is None or not sys.executable:
     return
   for stream in (sys.stdout, sys.stderr):
-    stream.flush()
+    if stream is not None:  # None where the interpreter runs without them
+      stream.flush()
   try:  # sys.orig_argv keeps the interpreter's own options (-m, -X, -u) as they were given
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
   except OSError:
