@@ -14,7 +14,6 @@ from replaid_jax import hostenv
 
 hostenv.reexec_with_huge_pages()  # first, before JAX allocates anything: see replaid_jax/hostenv.py
 
-
 from absl import app
 from absl import flags
 

@@ -43,6 +43,13 @@ def _tiny_config(**overrides):
   return cd
 
 
+def _one_device_run(corpus, **overrides):
+  """The run of configs/tiny.py with `overrides` on `corpus`, built on one device (its config: `run.config`)."""
+  c = build_lib.resolve_vocab(config_lib.from_config_dict(_tiny_config(**{"mesh.shape": (1, 1, 1), **overrides})),
+                              corpus)
+  return build_lib.build(c, corpus, devices=jax.devices()[:1])
+
+
 def _run_steps(mesh_shape, num_steps=2, **overrides):
   cd = _tiny_config(**{"mesh.shape": mesh_shape, "mesh.axes": ("data", "fsdp", "tensor"), **overrides})
   corpus = _synthetic_corpus()
@@ -71,9 +78,8 @@ def test_weight_decay_shrinks_the_matrices_and_not_the_stacked_vectors(block):
                "optim.weight_decay": 0.1, "optim.bounds_weight_decay": 0.01, "optim.embedding_weight_decay": 0.0,
                "model.block": block}
   corpus = _synthetic_corpus()
-  c = build_lib.resolve_vocab(config_lib.from_config_dict(_tiny_config(**overrides)), corpus)
-  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
-  params = run.state.params
+  run = _one_device_run(corpus, **overrides)
+  c, params = run.config, run.state.params
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = run.tx.update(zeros, run.tx.init(params), params)
   flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
@@ -105,10 +111,8 @@ def test_k_draws_per_sequence_is_the_plain_step_on_the_batch_tiled_k_times():
   out = {}
   for name, draws, batch_size, rows in (("k2", 2, 8, tokens), ("tiled", 1, 16, np.tile(tokens, (2, 1))),
                                         ("repeated", 1, 16, np.repeat(tokens, 2, axis=0))):
-    cd = _tiny_config(**{"mesh.shape": (1, 1, 1), "train.batch_size": batch_size,
-                         "train.draws_per_sequence": draws})
-    c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-    run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+    run = _one_device_run(corpus, **{"train.batch_size": batch_size, "train.draws_per_sequence": draws})
+    c = run.config
     state, metrics = build_lib.compile_step(run)(run.state, build_lib.global_batch(run, {"tokens": rows}),
                                                  jax.random.key(c.seed))
     out[name] = (jax.device_get(state.params), float(metrics["loss"]))
@@ -134,10 +138,10 @@ def test_antithetic_draws_are_the_mean_of_two_plain_estimates_with_eps_and_minus
   tokens = corpus.train[:8]
   metrics = {}
   for name, antithetic in (("antithetic", True), ("lattice", False)):
-    cd = _tiny_config(**{"mesh.shape": (1, 1, 1), "train.batch_size": 8, "train.draws_per_sequence": 2,
-                         "diffusion.antithetic_noise": antithetic, "diffusion.output_prior_warmup_steps": 0})
-    c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-    run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+    run = _one_device_run(corpus, **{"train.batch_size": 8, "train.draws_per_sequence": 2,
+                                     "diffusion.antithetic_noise": antithetic,
+                                     "diffusion.output_prior_warmup_steps": 0})
+    c = run.config
     if antithetic:
       c_anti, state = c, jax.device_get(run.state)  # the compiled step donates its state
     _, m = build_lib.compile_step(run)(run.state, build_lib.global_batch(run, {"tokens": tokens}),
@@ -394,10 +398,9 @@ def test_a_budgeted_run_asks_before_each_in_loop_evaluation_and_skips_the_ones_r
 
 
 def test_timing_the_compiled_step_leaves_the_state_as_it_was():
-  cd = _tiny_config(**{"mesh.shape": (1, 1, 1)})
   corpus = _synthetic_corpus()
-  c = build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus)
-  run = build_lib.build(c, corpus, devices=jax.devices()[:1])
+  run = _one_device_run(corpus)
+  c = run.config
   batch = build_lib.global_batch(run, {"tokens": corpus.train[:8]})
   key = jax.random.key(c.seed)
   compiled = build_lib.compile_step(run).lower(run.state, batch, key).compile()
@@ -410,10 +413,7 @@ def test_timing_the_compiled_step_leaves_the_state_as_it_was():
 
 
 def test_a_second_sizing_takes_more_steps_only_when_enough_more_fit_and_never_past_the_cap():
-  cd = _tiny_config(**{"mesh.shape": (1, 1, 1), "train.size_to_minutes": 10.0, "train.num_steps": 1000})
-  corpus = _synthetic_corpus()
-  run = build_lib.build(build_lib.resolve_vocab(config_lib.from_config_dict(cd), corpus), corpus,
-                        devices=jax.devices()[:1])
+  run = _one_device_run(_synthetic_corpus(), **{"train.size_to_minutes": 10.0, "train.num_steps": 1000})
   now = time.time()  # the budget's 600 s start now
   sized, first = sizing_lib.size_run(run, 0.5, done=20, t_start=now, compile_s=0.0, measured=True)
   n1 = first["num_steps"]
