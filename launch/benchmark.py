@@ -71,11 +71,13 @@ def main(argv):
     if not _ESTIMATE.value:
       raise app.UsageError("pass --config=configs/X.py (or --estimate).")
     return
-  distributed.initialize_from_flags()
+  cd = cli.config(_CONFIG)
+  mesh_shape = [int(s) for s in _MESH_SHAPE.value] if _MESH_SHAPE.value else None
+  distributed.initialize_from_flags(cpu_devices=distributed.cpu_devices_of(cd, mesh_shape))
   result = benchmark.run(
-      cli.config(_CONFIG), config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+      cd, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
       steps=_STEPS.value, warmup=_WARMUP.value, vocab_size=_VOCAB_SIZE.value or None,
-      mesh_shape=[int(s) for s in _MESH_SHAPE.value] if _MESH_SHAPE.value else None, peak=_PEAK.value,
+      mesh_shape=mesh_shape, peak=_PEAK.value,
       forward_only=_FORWARD_ONLY.value, xla_flops=_XLA_FLOPS.value)
   result["overrides"] = {k: repr(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()}
   if jax.process_index() != 0:

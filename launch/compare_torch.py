@@ -241,7 +241,8 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
       "matmul_flops_per_s": matmul, "flops_per_step_analytic": per_step,
       "params": {"torch": sum(p.numel() for p in torch_module.parameters()),
                  "replaid_jax": model_lib.count(run_.state.params),
-                 "replaid_jax_denoiser": model_lib.count(run_.state.params["denoiser"])}, "torch_threads": torch.get_num_threads(),
+                 "replaid_jax_denoiser": model_lib.count(run_.state.params["denoiser"])},
+      "torch_threads": torch.get_num_threads(), "jax_devices": len(run_.mesh.devices.reshape(-1)),
       "torch_version": torch.__version__, "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
       "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -251,7 +252,10 @@ def compare(cd, *, rounds: int, steps: int, warmup: int, torch_threads: int = 0,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = compare(cli.config(_CONFIG), rounds=_ROUNDS.value, steps=_STEPS.value, warmup=_WARMUP.value,
+  from replaid_jax import distributed  # pylint: disable=g-import-not-at-top
+  cd = cli.config(_CONFIG)
+  distributed.split_cpu(distributed.cpu_devices_of(cd))  # as launch/train.py does on CPU
+  result = compare(cd, rounds=_ROUNDS.value, steps=_STEPS.value, warmup=_WARMUP.value,
                    torch_threads=_THREADS.value)
   print(f"median over {_ROUNDS.value} rounds: replaid_jax / PyTorch = {result['ratio_median']:.2f}; replaid_jax "
         f"train step at {result['jax_matmul_fraction_median']:.2f} of the measured "

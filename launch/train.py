@@ -43,9 +43,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_flags()
+  cd = cli.config(_CONFIG)
+  distributed.initialize_from_flags(cpu_devices=distributed.cpu_devices_of(cd))
   with distributed.handle_preemption():
-    loop.train_and_evaluate(cli.config(_CONFIG), _WORKDIR.value, stop_after=_STOP_AFTER.value,
+    loop.train_and_evaluate(cd, _WORKDIR.value, stop_after=_STOP_AFTER.value,
                             allow_config_changes=_ALLOW_CHANGES.value, resume_from_step=_RESUME_FROM.value)
 
 

@@ -185,7 +185,8 @@ def run(cd, *, config_name: str = "", steps: int = 10, warmup: int = 2, vocab_si
   timed = time_steps(c, run_, batches, counts, warmup, steps)
   devices = _devices(run_)
   pk = chips.resolve_peak(peak, device_kind=devices[0].device_kind, platform=devices[0].platform,
-                          num_devices=len(devices), compute_dtype=c.model.compute_dtype)
+                          num_devices=len(devices), compute_dtype=c.model.compute_dtype,
+                          num_processes=len({d.process_index for d in devices}))
   return _result(c, run_, config_name=config_name, num_params=num_params, counts=counts, timed=timed, peak=pk,
                  steps=steps, warmup=warmup)
 

@@ -82,9 +82,18 @@ def _table_peak(chip: Chip, compute_dtype: str) -> tuple[float, str]:
   return chip.bf16, f"table: {chip.name} dense bf16"
 
 
+def measured_units(platform: str, num_devices: int, num_processes: int) -> int:
+  """How many times one device's measured matmul rate the whole run has: its devices, or on CPU its processes.
+
+  A process's CPU devices share its cores (distributed.split_cpu), and one
+  device's matmul already runs on all of them.
+  """
+  return num_processes if platform == "cpu" else num_devices
+
+
 def resolve_peak(spec: str, *, device_kind: str, platform: str, num_devices: int, compute_dtype: str = "bfloat16",
-                 measure: Callable[[], float] = flops_lib.measure_matmul_flops) -> dict:
-  """The peak FLOP/s that MFU is taken against, summed over `num_devices`.
+                 measure: Callable[[], float] = flops_lib.measure_matmul_flops, num_processes: int = 1) -> dict:
+  """The peak FLOP/s that MFU is taken against, summed over `num_devices` (a CPU's measured rate: `num_processes`).
 
   Args:
     spec: "auto" (the table entry for `device_kind`; on CPU, or for a kind not
@@ -93,6 +102,8 @@ def resolve_peak(spec: str, *, device_kind: str, platform: str, num_devices: int
     device_kind: `jax.devices()[0].device_kind`.
     platform: `jax.devices()[0].platform` ("cpu", "gpu", "tpu").
     num_devices: devices the step runs on.
+    num_processes: processes the step runs in (what a measured CPU rate is
+      summed over, see `measured_units`).
     compute_dtype: `model.compute_dtype`; float32 picks a chip's `fp32` peak.
     measure: returns one device's measured matmul FLOP/s.
 
@@ -104,9 +115,9 @@ def resolve_peak(spec: str, *, device_kind: str, platform: str, num_devices: int
     chip = chip_for_kind(device_kind) if platform != "cpu" else None
     if chip is None:
       per = measure()
-      why = "" if platform == "cpu" else f" ({device_kind!r} is not in the peaks table)"
-      return {"flops_per_s": per * num_devices, "per_device": per, "chip": None,
-              "source": f"measured: 2048^2 float32 matmul on one device{why}"}
+      why = " (its cores are the process's)" if platform == "cpu" else f" ({device_kind!r} is not in the peaks table)"
+      return {"flops_per_s": per * measured_units(platform, num_devices, num_processes), "per_device": per,
+              "chip": None, "source": f"measured: 2048^2 float32 matmul on one device{why}"}
   else:
     check_peak_spec(spec)
     try:

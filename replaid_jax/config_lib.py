@@ -148,6 +148,7 @@ class MeshConfig:
   axes: tuple[str, ...]
   shape: tuple[int, ...]
   rules: tuple[tuple[str, Any], ...]
+  cpu_devices: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +302,9 @@ def validate(c: Config) -> None:
     raise errors.ConfigError("train.batch_size must be at least 2 (reconstruction and diffusion rows).")
   if len(c.mesh.axes) != len(c.mesh.shape):
     raise errors.ConfigError(f"mesh.axes {c.mesh.axes} and mesh.shape {c.mesh.shape} differ in length.")
+  if c.mesh.cpu_devices < 0:
+    raise errors.ConfigError(f"mesh.cpu_devices={c.mesh.cpu_devices} must be 0 (one CPU device per core, chosen "
+                             "to divide the batch) or a device count.")
 
 
 def from_config_dict(cd: ml_collections.ConfigDict) -> Config:

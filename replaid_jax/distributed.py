@@ -26,15 +26,21 @@ collective:
     (jax_enable_preemption_service=False), the flags are combined with an
     all-gather every `FALLBACK_SYNC_EVERY` steps.
 A second SIGINT raises KeyboardInterrupt at once.
+
+CPU devices (`cpu_devices_for`, `split_cpu`): a single CPU process shows its
+cores to JAX as several devices (mesh.cpu_devices), over which the batch is
+split; see the comment above `MAX_AUTO_CPU_DEVICES`.
 """
 
 import contextlib
 import glob
+import math
 import os
+import re
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from absl import flags
 from absl import logging
@@ -107,10 +113,12 @@ def _read(path: str) -> str:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None, cpu_devices: int | None = None) -> bool:
   """Joins a multi-process run when one is configured or detected; returns whether jax.distributed started.
 
-  Call before anything touches a jax device.
+  Call before anything touches a jax device. `cpu_devices` (from
+  `cpu_devices_for`) is how many devices the CPU backend shows when the run stays
+  one process (see `split_cpu`); None leaves the backend as it is.
   """
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
@@ -121,6 +129,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                     "running as one process.", os.environ["SLURM_NTASKS"])
   cluster = "explicit" if coordinator_address is not None else detect_cluster()
   if cluster is None:
+    split_cpu(cpu_devices)
     return False
   if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
     # Cross-process collectives of CPU devices (ignored by GPU and TPU backends).
@@ -136,13 +145,100 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
-def initialize_from_flags() -> bool:
+def initialize_from_flags(cpu_devices: int | None = None) -> bool:
   """`initialize` with the values of the flags from `define_flags`; quiets logs of processes other than 0."""
   fl = flags.FLAGS
-  started = initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+  started = initialize(fl.coordinator_address, fl.num_processes, fl.process_id, cpu_devices)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   return started
+
+
+# ---- CPU devices.
+#
+# XLA:CPU runs one device's program with intra-op parallelism: its large matmuls use every core, while most
+# of a train step's other ops (copies, fills, elementwise fusions, the scan's slices) run on one thread at
+# a time. Shown as several devices, a single process splits the batch over them and runs their programs side
+# by side, every op on its own share of the rows: the demo's train step then ran about 1.13x faster on 2 cores
+# (paired processes, docs/performance.md). The values do not depend on the split (data-parallel steps equal
+# one-device steps to float rounding).
+
+# The most CPU devices that mesh.cpu_devices = 0 chooses (one per core up to this; measured on 2 cores only).
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def cpu_count_fixed_by() -> str | None:
+  """What already fixes the CPU backend's device count (a jax option or XLA flag the user set), or None."""
+  if jax.config.jax_num_cpu_devices >= 0:
+    return f"jax_num_cpu_devices={jax.config.jax_num_cpu_devices} (JAX_NUM_CPU_DEVICES or --jax_num_cpu_devices)"
+  if re.search(r"--xla_force_host_platform_device_count\b", os.environ.get("XLA_FLAGS", "")):
+    return "--xla_force_host_platform_device_count in XLA_FLAGS"
+  return None
+
+
+def cpu_devices_for(setting: int, batch_rows: Sequence[int], mesh_shape: Sequence[int],
+                    cores: int | None = None) -> int | None:
+  """The CPU device count for `mesh.cpu_devices` = `setting`; None where the choice is left to the backend.
+
+  Args:
+    setting: n > 0 asks for n devices; 0 chooses: one per usable core (at most
+      MAX_AUTO_CPU_DEVICES), lowered to the largest count that divides every
+      entry of `batch_rows`, and only for a mesh whose shape is one -1 with 1s
+      elsewhere (any other shape names its own device counts: left alone).
+    batch_rows: the batch sizes the mesh splits (train micro-batch, eval batch).
+    mesh_shape: mesh.shape.
+    cores: usable cores (default: `usable_cores()`).
+  """
+  if setting < 0:
+    raise errors.ConfigError(f"mesh.cpu_devices={setting} must be 0 (one per core) or a device count.")
+  if setting:
+    return setting
+  if sorted(mesh_shape) != [-1] + [1] * (len(mesh_shape) - 1):
+    return None
+  rows = math.gcd(*(int(r) for r in batch_rows if r))
+  most = min(cores or usable_cores(), MAX_AUTO_CPU_DEVICES)
+  return max(n for n in range(1, most + 1) if rows % n == 0) if rows else 1
+
+
+def cpu_devices_of(cd: Any, mesh_shape: Sequence[int] | None = None) -> int | None:
+  """`cpu_devices_for` a training config (ConfigDict): its micro-batch and eval batch, its mesh (or `mesh_shape`)."""
+  t = cd.train
+  rows = (t.batch_size // max(t.grad_accum_steps, 1), cd.eval.batch_size)
+  return cpu_devices_for(cd.mesh.cpu_devices, rows, tuple(mesh_shape or cd.mesh.shape))
+
+
+def split_cpu(count: int | None) -> bool:
+  """Makes the CPU backend show `count` devices (None: as it is); returns whether it did.
+
+  Call before anything starts a jax backend. A count the user fixed already
+  (`cpu_count_fixed_by`) is kept, as is a backend already started. Other
+  backends (GPU, TPU) are not affected: a GPU run's CPU devices go unused.
+  """
+  if count is None:
+    return False
+  fixed = cpu_count_fixed_by()
+  if fixed:
+    if count != 1:
+      logging.info("CPU devices: %s is set; not splitting the host into %d", fixed, count)
+    return False
+  if count == 1:
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    logging.warning("CPU devices: a jax backend has started already; staying with its devices, not %d", count)
+    return False
+  logging.info("CPU devices: %d (mesh.cpu_devices; the batch is split over them, %d usable cores)", count,
+               usable_cores())
+  return True
 
 
 def _sync_manager_active() -> bool:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from replaid_jax import chips
 from replaid_jax import checkpoint as ckpt_lib
 from replaid_jax import config_lib
 from replaid_jax import distributed
@@ -168,7 +169,8 @@ class Session:
     # Throughput uses the analytic count of the step (self-conditioning pass included). XLA's count of the
     # compiled step sees the lax.scan body once, so the forward pass is cross-checked on an unrolled compile.
     self.fwd, self.analytic, self.analytic_no_sc, self.step_flops = fwd, analytic, analytic_no_sc, analytic
-    self.peak = peak = c.train.peak_flops or flops_lib.measure_matmul_flops() * jax.device_count()
+    units = chips.measured_units(jax.devices()[0].platform, jax.device_count(), jax.process_count())
+    self.peak = peak = c.train.peak_flops or flops_lib.measure_matmul_flops() * units
     logging.info("compiled train step in %.1fs; forward FLOPs/sequence: analytic %.4g, XLA (unrolled) %s (ratio %s); "
                  "FLOPs/step: analytic %.3g (%.3g without the self-cond pass); peak %.3g FLOP/s (%s)", self.compile_s,
                  fwd, f"{fwd_xla:.4g}" if fwd_xla else "n/a", f"{fwd_xla / fwd:.3f}" if fwd_xla else "n/a", analytic,
