@@ -110,3 +110,12 @@ def test_a_run_split_over_two_cpu_devices_trains_as_one_device_does(tmp_path):
   assert len(loss1) == len(loss2) == 4
   np.testing.assert_allclose(loss2, loss1, rtol=2e-5)
   np.testing.assert_allclose(final2, final1, rtol=2e-5)
+
+
+def test_a_negative_count_in_the_config_is_refused_with_the_key():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from replaid_jax import config_lib  # pylint: disable=g-import-not-at-top
+  cd = tiny.get_config()
+  cd.mesh.cpu_devices = -2
+  with pytest.raises(errors.ConfigError, match=r"mesh.cpu_devices=-2 must be 0"):
+    config_lib.from_config_dict(cd)
