@@ -169,7 +169,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   me = c.mesh = ml_collections.ConfigDict()
   me.axes = ("data", "fsdp", "tensor")  # mesh axis names
   me.shape = (-1, 1, 1)  # one -1 is filled with the remaining devices
-  me.cpu_devices = 0  # CPU only: devices one process shows (n; 0: one per core dividing the batch; replaid_jax/distributed.py)
+  me.cpu_devices = 0  # single-process CPU runs: devices shown (n; 0: one per core dividing the batch; see distributed.py)
   me.rules = (  # logical axis -> mesh axes
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),

@@ -156,12 +156,13 @@ def initialize_from_flags(cpu_devices: int | None = None) -> bool:
 
 # ---- CPU devices.
 #
-# XLA:CPU runs one device's program with intra-op parallelism: its large matmuls use every core, while most
-# of a train step's other ops (copies, fills, elementwise fusions, the scan's slices) run on one thread at
-# a time. Shown as several devices, a single process splits the batch over them and runs their programs side
-# by side, every op on its own share of the rows: the demo's train step then ran about 1.13x faster on 2 cores
-# (paired processes, docs/performance.md). The values do not depend on the split (data-parallel steps equal
-# one-device steps to float rounding).
+# XLA:CPU runs one device's program with intra-op parallelism: its large matmuls use every core, while much
+# of a train step's other work (copies, fills, elementwise fusions, the scan's slices) runs one op at a time.
+# Shown as several devices, a single process splits the batch over them and runs their programs side by
+# side. The demo's train step then ran about 1.13x faster on 2 cores (paired processes; part of the gain
+# comes with the client holding several devices, not from the split batch alone: docs/performance.md).
+# Values do not depend on the split (data-parallel steps equal one-device steps to float rounding), and a
+# run resumes across device counts. Multi-process runs keep the backend's own count.
 
 # The most CPU devices that mesh.cpu_devices = 0 chooses (one per core up to this; measured on 2 cores only).
 MAX_AUTO_CPU_DEVICES = 8
