@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from replaid_jax import chips
 from replaid_jax import checkpoint as ckpt_lib
+from replaid_jax import chips
 from replaid_jax import config_lib
 from replaid_jax import distributed
 from replaid_jax import errors
